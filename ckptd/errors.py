@@ -1,0 +1,72 @@
+"""One exception hierarchy for ckptd.
+
+Every message is written for the person reading a log line: it names the file (or config key) and what is
+wrong, and where it helps, what to do about it. Library callers can catch :class:`CkptdError` for everything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CkptdError(Exception):
+    """Base class of every error ckptd raises on purpose."""
+
+
+class CheckpointError(CkptdError):
+    """A checkpoint could not be read: missing, empty, truncated, corrupt, foreign, or unsafe."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Loading would need pickle globals outside the weights-only allowlist; nothing was executed."""
+
+    def __init__(self, path: str | Path, globals_needed: list[str], detail: str = "") -> None:
+        self.globals_needed = globals_needed
+        names = ", ".join(globals_needed) if globals_needed else "(unknown)"
+        reason = (
+            f"refused to unpickle: it needs globals outside the weights-only allowlist: {names}. "
+            "Nothing was executed. If you trust this file, allowlist them explicitly "
+            "(library: allow_globals=[...]; config: policies.<name>.weights.allow_globals)"
+        )
+        if detail:
+            reason += f" ({detail})"
+        super().__init__(path, reason)
+
+
+class WeightsNotFoundError(CheckpointError):
+    """The checkpoint loaded, but no model weights were found in it (or not under the requested key)."""
+
+
+class WeightsMismatchError(CkptdError):
+    """Two sets of weights cannot be combined or loaded: keys, shapes or dtypes differ."""
+
+
+class NonFiniteError(CkptdError):
+    """A tensor holds NaN or Inf where ckptd refuses them (averaging)."""
+
+
+class MetricError(CkptdError):
+    """A metric or step source could not produce a number."""
+
+
+class ConfigError(CkptdError):
+    """A config file is invalid. ``problems`` lists every problem with its key path."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the config:\n{lines}")
+
+
+class OutputPathError(CkptdError):
+    """An output path would resolve outside its configured root."""
+
+
+class ExportError(CkptdError):
+    """A model export failed (factory, capture, conversion, verification or timeout)."""

@@ -1,0 +1,237 @@
+"""Training state for training scripts: build, save atomically, resume, and the seed's file layout.
+
+Keys follow ml-cvnets (``iterations``, ``epoch``, ``model_state_dict``, ``optim_state_dict``, ``best_metric``,
+``gradient_scaler_state_dict``, ``ema_state_dict``) so the daemon and existing tools read these files as-is.
+``metric`` is *this* checkpoint's metric (``best_metric`` is the best so far and must not be used to rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckptd import __version__
+from ckptd.atomic import atomic_torch_save
+from ckptd.errors import CheckpointError
+from ckptd.model_state import load_model_weights, model_state_dict, unwrap_model
+from ckptd.safe_load import load_torch
+
+log = logging.getLogger("ckptd.training_state")
+
+TRAINING_STATE_GLOB = "training_checkpoint*.pt"
+
+
+def build_training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scaler: Any | None = None,
+    ema: nn.Module | None = None,
+    epoch: int = 0,
+    iteration: int = 0,
+    best_metric: float | None = None,
+    metric: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One dict with everything needed to resume. Values are plain types and tensors (weights_only-loadable)."""
+    state: dict[str, Any] = {
+        "iterations": int(iteration),
+        "epoch": int(epoch),
+        "model_state_dict": model_state_dict(model),
+        "best_metric": None if best_metric is None else float(best_metric),
+        "ckptd_version": __version__,
+    }
+    if metric is not None:
+        state["metric"] = float(metric)
+    if optimizer is not None:
+        state["optim_state_dict"] = optimizer.state_dict()
+    if scaler is not None:
+        state["gradient_scaler_state_dict"] = scaler.state_dict()
+    if ema is not None:
+        # full EMA state (AveragedModel keeps n_averaged) so resuming continues the average exactly
+        state["ema_state_dict"] = ema.state_dict() if isinstance(ema, torch.optim.swa_utils.AveragedModel) \
+            else model_state_dict(ema)
+    if extra:
+        state["extra"] = dict(extra)
+    return state
+
+
+def save_training_state(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Atomically write a training state (temp + fsync + rename + directory fsync)."""
+    p = Path(path)
+    atomic_torch_save(dict(state), p)
+    return p
+
+
+@dataclass
+class ResumeInfo:
+    """Where to continue from."""
+
+    path: Path
+    epoch: int
+    iteration: int
+    best_metric: float | None
+    metric: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_training_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scaler: Any | None = None,
+    ema: nn.Module | None = None,
+    map_location: Any = "cpu",
+    strict: bool = True,
+    allow_globals: Sequence[str | Any] = (),
+) -> ResumeInfo:
+    """Restore model/optimizer/scaler/EMA in place from a training state and say where to continue."""
+    p = Path(path)
+    state = load_torch(p, map_location=map_location, allow_globals=allow_globals, mmap=False)
+    if not isinstance(state, Mapping) or "model_state_dict" not in state:
+        raise CheckpointError(p, "is not a training state (no 'model_state_dict'); use load_model_weights "
+                              "for model-only files")
+    load_model_weights(model, state["model_state_dict"], strict=strict)
+    if optimizer is not None:
+        if "optim_state_dict" not in state:
+            raise CheckpointError(p, "has no optimizer state ('optim_state_dict') to resume from")
+        optimizer.load_state_dict(state["optim_state_dict"])
+    if scaler is not None and "gradient_scaler_state_dict" in state:
+        scaler.load_state_dict(state["gradient_scaler_state_dict"])
+    if ema is not None:
+        if "ema_state_dict" not in state:
+            raise CheckpointError(p, "has no EMA state ('ema_state_dict') but an EMA model was given")
+        if isinstance(ema, torch.optim.swa_utils.AveragedModel):
+            ema.load_state_dict(state["ema_state_dict"])
+        else:
+            load_model_weights(unwrap_model(ema), state["ema_state_dict"], strict=strict)
+    return ResumeInfo(path=p, epoch=int(state.get("epoch", 0)), iteration=int(state.get("iterations", 0)),
+                      best_metric=state.get("best_metric"), metric=state.get("metric"),
+                      extra=dict(state.get("extra") or {}))
+
+
+def find_latest_training_state(directory: str | Path, pattern: str = TRAINING_STATE_GLOB,
+                               allow_globals: Sequence[str | Any] = ()) -> Path | None:
+    """Newest *valid* training state in ``directory`` (by iteration, then mtime); corrupt files are skipped
+    with a warning naming them."""
+    best: tuple[int, float, Path] | None = None
+    for candidate in Path(directory).glob(pattern):
+        if not candidate.is_file() or candidate.name.startswith("."):
+            continue
+        try:
+            state = load_torch(candidate, allow_globals=allow_globals)
+            if not isinstance(state, Mapping) or "model_state_dict" not in state:
+                raise CheckpointError(candidate, "is not a training state")
+            key = (int(state.get("iterations", 0)), candidate.stat().st_mtime, candidate)
+        except (CheckpointError, OSError) as exc:
+            log.warning("skipping unusable training checkpoint: %s", exc)
+            continue
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
+def auto_resume(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                **kwargs: Any) -> ResumeInfo | None:
+    """Resume from the newest valid training state in ``directory``; None when there is nothing to resume."""
+    latest = find_latest_training_state(directory, allow_globals=kwargs.get("allow_globals", ()))
+    if latest is None:
+        return None
+    return load_training_state(latest, model, optimizer, **kwargs)
+
+
+_SCORE_RE = re.compile(r"^checkpoint(?P<ema>_ema)?_score_(?P<metric>[-+0-9.eE]+?)(?:_it(?P<it>\d+))?\.pt$")
+
+
+class SeedLayoutSaver:
+    """Writes the files training scripts of the seed (ml-cvnets) expect, fixing its pitfalls.
+
+    Per call: ``training_checkpoint_last.pt`` (+ ``training_checkpoint_{epoch}_{iter}.pt`` if
+    ``keep_all_training``), model-only ``checkpoint_last.pt`` / ``checkpoint_best.pt`` and EMA variants, and
+    score-named top-k files ``checkpoint_score_{metric:.4f}.pt``. Differences from the seed: every write is
+    atomic; the new best is written before anything old is removed; two scores equal to 4 decimals get an
+    ``_it{iteration}`` suffix instead of overwriting each other; only score files this saver manages are pruned.
+    """
+
+    def __init__(self, directory: str | Path, *, mode: str = "max", top_k: int = 5,
+                 keep_all_training: bool = False) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError("mode must be 'max' or 'min'")
+        self.directory = Path(directory)
+        self.mode = mode
+        self.top_k = top_k
+        self.keep_all_training = keep_all_training
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, epoch: int,
+             iteration: int, metric: float, best_metric: float | None = None, scaler: Any | None = None,
+             ema: nn.Module | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+        """Save one step's files; returns what was written, by role."""
+        from ckptd.ranking import is_better
+
+        improved = best_metric is None or is_better(metric, best_metric, self.mode) or metric == best_metric
+        best = metric if best_metric is None or improved else best_metric
+        state = build_training_state(model, optimizer, scaler=scaler, ema=ema, epoch=epoch, iteration=iteration,
+                                     best_metric=best, metric=metric, extra=extra)
+        written: dict[str, Path] = {}
+        d = self.directory
+        written["training_last"] = save_training_state(state, d / "training_checkpoint_last.pt")
+        if self.keep_all_training:
+            written["training"] = save_training_state(state, d / f"training_checkpoint_{epoch}_{iteration}.pt")
+        weights = state["model_state_dict"]
+        ema_weights = model_state_dict(ema) if ema is not None else None
+        atomic_torch_save(weights, d / "checkpoint_last.pt")
+        written["last"] = d / "checkpoint_last.pt"
+        if ema_weights is not None:
+            atomic_torch_save(ema_weights, d / "checkpoint_ema_last.pt")
+            written["ema_last"] = d / "checkpoint_ema_last.pt"
+        if improved:
+            atomic_torch_save(weights, d / "checkpoint_best.pt")
+            written["best"] = d / "checkpoint_best.pt"
+            if ema_weights is not None:
+                atomic_torch_save(ema_weights, d / "checkpoint_ema_best.pt")
+                written["ema_best"] = d / "checkpoint_ema_best.pt"
+        if self.top_k > 0:
+            written.update(self._save_scored(weights, metric, iteration, ema=False))
+            if ema_weights is not None:
+                written.update(self._save_scored(ema_weights, metric, iteration, ema=True))
+        return written
+
+    def _save_scored(self, weights: Mapping[str, torch.Tensor], metric: float, iteration: int,
+                     *, ema: bool) -> dict[str, Path]:
+        from ckptd.ranking import is_better
+
+        tag = "_ema" if ema else ""
+        existing = self._scored(ema)
+        ranked = sorted(existing, key=lambda e: e[0], reverse=self.mode == "max")
+        if len(ranked) >= self.top_k and not is_better(metric, ranked[self.top_k - 1][0], self.mode):
+            return {}
+        name = d_name = f"checkpoint{tag}_score_{metric:.4f}.pt"
+        if (self.directory / name).exists():
+            d_name = f"checkpoint{tag}_score_{metric:.4f}_it{iteration}.pt"
+        path = self.directory / d_name
+        atomic_torch_save(dict(weights), path)  # write first, prune after
+        ranked = sorted([*existing, (metric, path)], key=lambda e: e[0], reverse=self.mode == "max")
+        for _, old in ranked[self.top_k:]:
+            if old != path:
+                old.unlink(missing_ok=True)
+        return {f"score{tag}": path}
+
+    def _scored(self, ema: bool) -> list[tuple[float, Path]]:
+        out = []
+        for f in self.directory.glob("checkpoint*_score_*.pt"):
+            m = _SCORE_RE.match(f.name)
+            if m and bool(m.group("ema")) == ema:
+                try:
+                    out.append((float(m.group("metric")), f))
+                except ValueError:
+                    continue
+        return out
