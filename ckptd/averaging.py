@@ -59,8 +59,8 @@ def check_compatible(names: Sequence[str], states: Sequence[Mapping[str, torch.T
                 raise WeightsMismatchError(f"key {k!r} is {t.dtype} in {ref_name} but {other.dtype} in {name}")
 
 
-def average_states(names: Sequence[str], states: Sequence[Mapping[str, torch.Tensor]], write: Callable[[str, torch.Tensor], None],
-                   *, reference: int = 0, dtype: torch.dtype | None = None,
+def average_states(names: Sequence[str], states: Sequence[Mapping[str, torch.Tensor]],
+                   write: Callable[[str, torch.Tensor], None], *, reference: int = 0, dtype: torch.dtype | None = None,
                    chunk_elems: int = DEFAULT_CHUNK_ELEMS, progress: Progress | None = None) -> tuple[int, int]:
     """Stream the average of ``states`` to ``write(key, chunk)`` in the reference's key order.
 

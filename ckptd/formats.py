@@ -129,7 +129,7 @@ def safetensors_header(path: str | Path) -> dict:
         if name == "__metadata__":
             continue
         try:
-            start, stop = info["data_offsets"]
+            _start, stop = info["data_offsets"]
         except (TypeError, KeyError, ValueError) as exc:
             raise CheckpointError(p, f"is corrupt: tensor {name!r} has no valid data_offsets") from exc
         end = max(end, int(stop))

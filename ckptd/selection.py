@@ -36,7 +36,8 @@ def select_top_k(paths: Sequence[str | Path], metric: Sequence[str | ValueSource
                  *, step: Sequence[str | ValueSource] = (), allow_globals: Sequence[Any] = ()) -> list[Candidate]:
     """The best ``k`` of ``paths`` by ``metric`` (best first). Files without a metric are skipped; if none has
     one, MetricError explains why for each."""
-    m_sources = [s if isinstance(s, ValueSource) else parse_source(s) for s in ([metric] if isinstance(metric, str) else metric)]
+    metric_list = [metric] if isinstance(metric, str) else list(metric)
+    m_sources = [s if isinstance(s, ValueSource) else parse_source(s) for s in metric_list]
     s_sources = [s if isinstance(s, ValueSource) else parse_source(s) for s in step]
     candidates = [read_candidate(p, m_sources, s_sources, allow_globals) for p in paths]
     ranked = top_k(candidates, k, mode)
