@@ -22,7 +22,7 @@ from ckptd.layouts import DEFAULT_STRIP_PREFIXES
 from ckptd.safetensors_io import SafetensorsStreamWriter, TensorSpec
 from ckptd.weights import Checkpoint, open_checkpoint
 
-DEFAULT_CHUNK_ELEMS = 1 << 20  # 8 MiB of float64 accumulator
+DEFAULT_CHUNK_ELEMS = 1 << 18  # 2 MiB of float64 accumulator
 Progress = Callable[[int, int], None]
 
 
@@ -73,7 +73,12 @@ def average_states(names: Sequence[str], states: Sequence[Mapping[str, torch.Ten
     n = len(states)
     total = sum(t.numel() for t in ref.values())
     done = 0
-    buf = torch.empty(min(chunk_elems, max((t.numel() for t in ref.values()), default=1)) or 1, dtype=torch.float64)
+    # All scratch memory is allocated once: the accumulator, a staging buffer (so adding an fp32/fp16 input
+    # into float64 never allocates a promoted temporary), and one output buffer per output dtype.
+    size = max(1, min(chunk_elems, max((t.numel() for t in ref.values()), default=1)))
+    acc_buf = torch.empty(size, dtype=torch.float64)
+    stage_buf = torch.empty(size, dtype=torch.float64)
+    out_bufs: dict[torch.dtype, torch.Tensor] = {}
     averaged = copied = 0
     for key, ref_t in ref.items():
         if not ref_t.is_floating_point():
@@ -82,18 +87,25 @@ def average_states(names: Sequence[str], states: Sequence[Mapping[str, torch.Ten
             done += ref_t.numel()
             continue
         out_dtype = dtype or ref_t.dtype
+        out_buf = out_bufs.get(out_dtype)
+        if out_buf is None:
+            out_buf = out_bufs[out_dtype] = torch.empty(size, dtype=out_dtype)
         flats = [s[key].reshape(-1) for s in states]
         numel = ref_t.numel()
         for start in range(0, numel, chunk_elems):
             stop = min(start + chunk_elems, numel)
-            acc = buf[: stop - start]
+            acc, stage = acc_buf[: stop - start], stage_buf[: stop - start]
             acc.copy_(flats[0][start:stop])
             for f in flats[1:]:
-                acc.add_(f[start:stop])
-            if not bool(torch.isfinite(acc).all()):
+                stage.copy_(f[start:stop])
+                acc.add_(stage)
+            # NaN/Inf anywhere propagate into the sum: one scalar check instead of a mask per chunk
+            if not math.isfinite(float(acc.sum())):
                 raise _non_finite(key, names, flats, start, stop)
             acc.div_(n)
-            write(key, acc.to(out_dtype).reshape(-1))
+            out = out_buf[: stop - start]
+            out.copy_(acc)
+            write(key, out)
             done += stop - start
             if progress is not None:
                 progress(done, total)
