@@ -102,7 +102,7 @@ def read_source(source: ValueSource, path: str | Path, obj: Any = None,
                 continue
         raise MetricError(f"checkpoint has no key {source.spec!r}")
     if source.kind == "sidecar":
-        side = p.parent / source.spec.format(stem=p.stem if p.is_file() else p.name, name=p.name)
+        side = p.parent / source.spec.format(stem=p.name if p.is_dir() else p.stem, name=p.name)
         try:
             data = json.loads(side.read_text())
         except FileNotFoundError:

@@ -211,27 +211,30 @@ class SeedLayoutSaver:
 
         tag = "_ema" if ema else ""
         existing = self._scored(ema)
-        ranked = sorted(existing, key=lambda e: e[0], reverse=self.mode == "max")
+        ranked = self._rank(existing)
         if len(ranked) >= self.top_k and not is_better(metric, ranked[self.top_k - 1][0], self.mode):
             return {}
-        name = d_name = f"checkpoint{tag}_score_{metric:.4f}.pt"
-        if (self.directory / name).exists():
-            d_name = f"checkpoint{tag}_score_{metric:.4f}_it{iteration}.pt"
-        path = self.directory / d_name
+        path = self.directory / f"checkpoint{tag}_score_{metric:.4f}.pt"
+        if path.exists():
+            path = self.directory / f"checkpoint{tag}_score_{metric:.4f}_it{iteration}.pt"
         atomic_torch_save(dict(weights), path)  # write first, prune after
-        ranked = sorted([*existing, (metric, path)], key=lambda e: e[0], reverse=self.mode == "max")
-        for _, old in ranked[self.top_k:]:
+        for _, _, old in self._rank([*existing, (metric, iteration, path)])[self.top_k:]:
             if old != path:
                 old.unlink(missing_ok=True)
         return {f"score{tag}": path}
 
-    def _scored(self, ema: bool) -> list[tuple[float, Path]]:
+    def _rank(self, entries: list[tuple[float, int, Path]]) -> list[tuple[float, int, Path]]:
+        """Best first; equal metrics (as far as the 4-decimal names tell) rank the newer iteration first."""
+        sign = -1 if self.mode == "max" else 1
+        return sorted(entries, key=lambda e: (sign * round(e[0], 4), -e[1]))
+
+    def _scored(self, ema: bool) -> list[tuple[float, int, Path]]:
         out = []
         for f in self.directory.glob("checkpoint*_score_*.pt"):
             m = _SCORE_RE.match(f.name)
             if m and bool(m.group("ema")) == ema:
                 try:
-                    out.append((float(m.group("metric")), f))
+                    out.append((float(m.group("metric")), int(m.group("it") or -1), f))
                 except ValueError:
                     continue
         return out
