@@ -166,5 +166,6 @@ def metric_candidates(obj: Any, path: str | Path, metadata: Mapping[str, str] | 
             break
     numbers = re.findall(r"([A-Za-z_]+)[=_-]?([0-9]+\.[0-9]+(?:[eE][-+]?[0-9]+)?)", Path(path).name)
     for name, num in numbers:
-        found[f"filename:{name}"] = float(num)
+        label = re.sub(r"^(checkpoint|ckpt|model)_(ema_)?", "", name.strip("_-="))
+        found[f"filename:{label}"] = float(num)
     return found
