@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args)) if hasattr(args, "func") else _dispatch(args)
+    except MemoryError:
+        print("ckptd: error: out of memory", file=sys.stderr)
+        return EXIT_FAILURE
     except ConfigError as exc:
         print(f"ckptd: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -22,6 +22,10 @@ class CheckpointError(CkptdError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class IncompleteCheckpointError(CheckpointError):
+    """Empty or truncated: possibly still being written (the daemon waits for it to change)."""
+
+
 class UnsafeCheckpointError(CheckpointError):
     """Loading would need pickle globals outside the weights-only allowlist; nothing was executed."""
 

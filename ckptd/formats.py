@@ -12,7 +12,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from ckptd.errors import CheckpointError
+from ckptd.errors import CheckpointError, IncompleteCheckpointError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".pkl")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -62,7 +62,7 @@ def detect_format(path: str | Path) -> CheckpointFormat:
     except OSError as exc:
         raise CheckpointError(p, f"cannot be read: {exc.strerror or exc}") from exc
     if size == 0:
-        raise CheckpointError(p, "is empty (0 bytes)")
+        raise IncompleteCheckpointError(p, "is empty (0 bytes)")
     if head.startswith(_ZIP_MAGIC):
         return CheckpointFormat.TORCH_ZIP
     if len(head) >= 8:
@@ -87,7 +87,7 @@ def check_complete(path: str | Path) -> CheckpointFormat:
             check_complete(shard)
     elif fmt is CheckpointFormat.DCP:
         if (p / ".metadata").stat().st_size == 0:
-            raise CheckpointError(p, ".metadata is empty: the checkpoint is still being written")
+            raise IncompleteCheckpointError(p, ".metadata is empty: the checkpoint is still being written")
     return fmt
 
 
@@ -96,7 +96,7 @@ def _check_zip(p: Path) -> None:
         with zipfile.ZipFile(p) as zf:
             names = zf.namelist()
     except zipfile.BadZipFile as exc:
-        raise CheckpointError(
+        raise IncompleteCheckpointError(
             p, f"is truncated or corrupt: zip central directory not found ({exc}); it may still be being written"
         ) from exc
     except OSError as exc:
@@ -113,10 +113,11 @@ def safetensors_header(path: str | Path) -> dict:
         with open(p, "rb") as fh:
             raw_len = fh.read(8)
             if len(raw_len) < 8:
-                raise CheckpointError(p, "is truncated: safetensors header length missing")
+                raise IncompleteCheckpointError(p, "is truncated: safetensors header length missing")
             (n,) = struct.unpack("<Q", raw_len)
             if n > _SAFETENSORS_MAX_HEADER or 8 + n > size:
-                raise CheckpointError(p, f"is truncated or corrupt: safetensors header of {n} bytes exceeds the file")
+                raise IncompleteCheckpointError(
+                    p, f"is truncated or corrupt: safetensors header of {n} bytes exceeds the file")
             header = json.loads(fh.read(n))
     except OSError as exc:
         raise CheckpointError(p, f"cannot be read: {exc}") from exc
@@ -135,8 +136,10 @@ def safetensors_header(path: str | Path) -> dict:
         end = max(end, int(stop))
     expected = 8 + n + end
     if expected != size:
-        state = "truncated (still being written?)" if size < expected else "has trailing bytes"
-        raise CheckpointError(p, f"is {state}: safetensors header says {expected} bytes, file has {size}")
+        if size < expected:
+            raise IncompleteCheckpointError(
+                p, f"is truncated (still being written?): safetensors header says {expected} bytes, file has {size}")
+        raise CheckpointError(p, f"has trailing bytes: safetensors header says {expected} bytes, file has {size}")
     return header
 
 

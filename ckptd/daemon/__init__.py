@@ -1,0 +1,1 @@
+"""The daemon: composes the library (``ckptd.*``) into a watching, ranking, publishing service."""

@@ -1,0 +1,36 @@
+"""structlog setup: JSON lines when not on a TTY (journald, files), readable console lines on a TTY."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
+    stream = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    renderer: Any = structlog.processors.JSONRenderer(sort_keys=False) if use_json else \
+        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info if use_json else structlog.dev.set_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    # library modules log through stdlib logging (e.g. auto-resume warnings): route them to the same stream
+    logging.basicConfig(level=_LEVELS[level], stream=stream, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def get_logger(**bind: Any) -> Any:
+    return structlog.get_logger("ckptd").bind(**bind)
