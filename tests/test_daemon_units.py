@@ -1,0 +1,179 @@
+"""Daemon building blocks tested directly: config validation, policy, readiness, paths, pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ckptd.daemon.config import load_config, parse_config
+from ckptd.daemon.discovery import Observation, list_runs, scan_run
+from ckptd.daemon.ledger import Ledger
+from ckptd.daemon.logs import get_logger
+from ckptd.daemon.paths import resolve_output
+from ckptd.daemon.pipeline import RunContext, RunProcessor
+from ckptd.daemon.policy import Record, decide
+from ckptd.daemon.readiness import ReadinessTracker
+from ckptd.errors import ConfigError, OutputPathError
+from tests.conftest import REPO
+
+
+def _config(tmp_path: Path, **policy: object) -> dict:
+    (tmp_path / "train").mkdir(exist_ok=True)
+    return {"state_dir": str(tmp_path / "state"),
+            "watches": [{"name": "w", "root": str(tmp_path / "train"), "output": str(tmp_path / "out/{watch}/{run}"),
+                         "settle": "0s"}],
+            "policies": {"default": policy}}
+
+
+def test_example_config_documents_every_key_and_loads(tmp_path: Path) -> None:
+    text = (REPO / "config.example.yaml").read_text()
+    data = yaml.safe_load(text)
+    data["state_dir"] = str(tmp_path / "state")
+    for w in data["watches"]:
+        w["root"] = str(tmp_path)
+        w["output"] = str(tmp_path.parent / "out" / "{watch}" / "{run}")
+    cfg = parse_config(data)
+    policy = cfg.policies["default"]
+    assert policy.metric.mode == "max" and policy.average.top_k == 5
+    assert policy.coreml.inputs[0].shape == (1, 3, 256, 256)
+    assert cfg.watches[0].settle == 5.0 and cfg.watches[0].poll_interval == 30.0
+    # every key the parser knows appears (commented) in the example
+    for key in ("state_dir", "log", "watches", "policies", "max_parallel_runs", "rescan_interval",
+                "shutdown_deadline", "runs", "include", "exclude", "mode", "poll_interval", "settle", "output",
+                "max_depth", "allow_output_in_root", "strip_prefixes", "prefer_ema", "allow_globals", "sources",
+                "min_members", "dtype", "formats", "factory", "factory_kwargs", "python_path", "inputs", "outputs",
+                "precision", "minimum_deployment_target", "timeout", "keep", "compression", "on_new_best",
+                "on_average", "on_export"):
+        assert f"{key}:" in text, key
+
+
+def test_every_config_problem_reported_at_once(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "state_dir": "relative", "colour": "blue",
+        "watches": [{"name": "a", "root": "/does/not/exist", "output": "/srv/{watch}", "settle": "soon"},
+                    {"name": "a", "root": str(tmp_path), "output": str(tmp_path / "{run}"), "policy": "nope",
+                     "include": 3}],
+        "policies": {"default": {"metric": {"mode": "biggest", "sources": [{"filename": "("}]},
+                                 "average": {"top_k": 0}, "weights": {"wat": 1}}},
+    }))
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    problems = "\n".join(info.value.problems)
+    for expected in ("colour: unknown key", "watches[0].settle: expected a duration like 30s",
+                     "watches[0].root: directory /does/not/exist does not exist",
+                     "watches[0].output: must contain {run}", "watches[1].policy: no policy named 'nope'",
+                     "watches[1].include: expected a list of globs", "watches[1].output: is inside the training root",
+                     "policies.default.metric.mode: expected max or min", "policies.default.average.top_k",
+                     "policies.default.weights.wat: unknown key", "state_dir: must be an absolute path",
+                     "watch name 'a' is used more than once", "filename regex '(' is invalid"):
+        assert expected in problems, expected
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("watches: [\n  - {name: x\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(broken)
+
+
+def test_policy_decisions() -> None:
+    def rec(i: int, metric: float | None, step: int | None = None, sha: str | None = None) -> Record:
+        return Record(i, f"c{i}", sha or f"sha{i}", metric, step if step is not None else i, float(i))
+
+    members = [rec(1, 0.5), rec(2, 0.7), rec(3, 0.6)]
+    d = decide(members, rec(4, 0.9), 3, "max")
+    assert d.action == "join" and d.new_best and [m.ckpt_id for m in d.members] == [4, 2, 3]
+    assert [m.ckpt_id for m in d.evicted] == [1] and "evicts c1 (0.5)" in d.reason
+    d = decide(members, rec(5, 0.4), 3, "max")
+    assert d.action == "skip" and "cutoff 0.5" in d.reason and not d.evicted
+    assert decide(members, rec(6, 0.4), 3, "min").action == "join"
+    assert decide(members, rec(7, None), 3, "max").action == "unranked"
+    assert decide(members, rec(8, 0.99, sha="sha2"), 3, "max").action == "duplicate"
+    tie = decide(members, rec(9, 0.7, step=100), 3, "max")  # ties: the newer step ranks first
+    assert tie.new_best and tie.members[0].ckpt_id == 9
+
+
+def test_readiness_settle_and_commit_signal(tmp_path: Path) -> None:
+    t = ReadinessTracker()
+    a = Observation(tmp_path / "a.pt", 10, 1)
+    t.observe(a, now=100.0)
+    assert not t.is_ready(a, 102.0, settle=5) and t.deadline(a, 5) == 105.0
+    grown = Observation(a.path, 20, 2)
+    t.observe(grown, now=104.0)  # still being written: the clock restarts
+    assert not t.is_ready(grown, 108.0, settle=5) and t.is_ready(grown, 109.0, settle=5)
+    b = Observation(tmp_path / "b.pt", 10, 1)
+    t.note_moved_in(b.path)
+    t.observe(b, now=200.0)
+    assert t.is_ready(b, 200.0, settle=5)  # renamed into place: no need to wait
+    dcp_reused = Observation(tmp_path / "dcp", 10, 1, is_dir=True, commit_ok=False)
+    t.observe(dcp_reused, now=0.0)
+    assert not t.is_ready(dcp_reused, 1000.0, settle=5)
+
+
+def test_output_paths_cannot_escape_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    root.mkdir()
+    assert resolve_output(str(root / "{watch}/{run}"), "w", "exp1") == root / "w" / "exp1"
+    for bad in ("..", ".", "a/b", ".hidden", ""):
+        with pytest.raises(OutputPathError):
+            resolve_output(str(root / "{watch}/{run}"), "w", bad)
+    (root / "w").mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "w" / "evil")
+    with pytest.raises(OutputPathError, match="outside the output root"):
+        resolve_output(str(root / "{watch}/{run}"), "w", "evil")
+
+
+def test_scan_ignores_temp_names_and_finds_folders(tmp_path: Path, tiny) -> None:
+    cfg = parse_config(_config(tmp_path))
+    run = tmp_path / "train" / "exp"
+    (run / "sub").mkdir(parents=True)
+    for name in ("a.pt", "x.pt.tmp", ".hidden.pt", "tmp-b.pt", ".ckptd-tmp-c.pt", "notes.txt", "sub/deep.ckpt"):
+        torch.save({}, run / name)
+    hf = run / "checkpoint-10"
+    hf.mkdir()
+    (hf / "model.safetensors.index.json").write_text("{}")
+    (run / "x.orbax-checkpoint-tmp-1").mkdir()
+    names = sorted(str(o.path.relative_to(run)) for o in scan_run(run, cfg.watches[0]))
+    assert names == ["a.pt", "checkpoint-10", "sub/deep.ckpt"]
+    assert list_runs(cfg.watches[0]) == [run]
+
+
+def test_average_after_100_updates_equals_fresh_average(tmp_path: Path, tiny) -> None:
+    cfg = parse_config(_config(tmp_path, average={"top_k": 5}))
+    run_dir = tmp_path / "train" / "exp"
+    run_dir.mkdir()
+    watch = cfg.watches[0]
+    ctx = RunContext(watch=watch, policy=cfg.policies["default"], run="exp", run_dir=run_dir,
+                     output=tmp_path / "out" / "w" / "exp")
+    ledger = Ledger(tmp_path / "state" / "ledger.sqlite3")
+    proc = RunProcessor(ctx, ledger, get_logger())
+    gen = torch.Generator().manual_seed(7)
+    for i in range(100):
+        metric = float(torch.rand((), generator=gen))
+        model = tiny(seed=i)
+        path = run_dir / f"ckpt_{i:03d}.pt"
+        torch.save({"model_state_dict": model.state_dict(), "metric": metric, "iterations": i}, path)
+        st = path.stat()
+        proc.process(Observation(path, st.st_size, st.st_mtime_ns))
+    manifest = json.loads((ctx.output / "manifest.json").read_text())
+    members = manifest["average"]["members"]
+    assert len(members) == 5
+    metrics = [m["metric"] for m in members]
+    assert metrics == sorted(metrics, reverse=True)
+    sources = [torch.load(m["source"], weights_only=True)["model_state_dict"] for m in members]
+    got = load_file(ctx.output / "average.safetensors")
+    for k, v in got.items():
+        if v.is_floating_point():
+            fresh = sum(s[k].double() for s in sources) / 5
+            assert (v.double() - fresh).abs().max() <= 1e-6 * max(1.0, float(fresh.abs().max())), k
+        else:
+            assert torch.equal(v, sources[0][k])  # integer buffers from the best
+    best = load_file(ctx.output / "best.safetensors")
+    assert all(torch.equal(best[k], sources[0][k]) for k in best)
+    assert manifest["best"]["metric"] == max(metrics)
+    assert len(list((ctx.output / "members").iterdir())) == 5
+    ledger.close()
