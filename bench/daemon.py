@@ -1,0 +1,146 @@
+"""Benchmark: the daemon's end-to-end latency and its idle CPU.
+
+1. Latency: a writer renames ~100 MB fp32 checkpoints into a watched run (k = 5, events mode, each a new best so
+   every one updates the average); we time rename -> manifest.json listing it (published right after
+   average.safetensors). The baseline measured in the same run: one streamed average of 5 such models.
+2. Idle CPU: the daemon watching 100 empty runs for 60 s (utime+stime from /proc).
+
+    python bench/daemon.py                       # full: 50 checkpoints of 100 MiB, 60 s idle
+    python bench/daemon.py --mb 20 --n 10 --idle 10   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_daemon(cfg: dict, work: Path) -> subprocess.Popen:
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    log = open(work / "daemon.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "run", "-c", str(path)], stdout=log, stderr=log,
+                            env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if b'"daemon.ready"' in (work / "daemon.log").read_bytes():
+            return proc
+        time.sleep(0.05)
+    raise RuntimeError("daemon did not start: " + (work / "daemon.log").read_text()[-2000:])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def config(work: Path, root: Path, runs: str) -> dict:
+    return {"state_dir": str(work / "state"), "log": {"format": "json"},
+            "watches": [{"name": "bench", "root": str(root), "runs": runs, "output": str(work / "out/{watch}/{run}"),
+                         "mode": "events", "settle": "5s"}],
+            "policies": {"default": {"average": {"top_k": 5, "min_members": 2}}}}
+
+
+def latency(work: Path, mb: int, n: int) -> None:
+    root = work / "train"
+    run = root / "exp"
+    run.mkdir(parents=True)
+    proc = start_daemon(config(work, root, "*"), work)
+    per = mb * 2**20 // 4 // 8
+    base = {f"layer{j}.weight": torch.randn(per // 512, 512) for j in range(8)}
+    lat: list[float] = []
+    manifest = work / "out/bench/exp/manifest.json"
+    try:
+        for i in range(n):
+            state = {"model_state_dict": {k: v + i * 0.01 for k, v in base.items()}, "metric": float(i),
+                     "iterations": i}
+            tmp = run / f"ckpt_{i:03d}.pt.tmp"
+            final = run / f"ckpt_{i:03d}.pt"
+            torch.save(state, tmp)
+            os.sync()  # keep the writer's own flush out of the daemon's latency
+            t0 = time.perf_counter()
+            os.replace(tmp, final)
+            while True:
+                try:
+                    if str(final) in manifest.read_text():
+                        break
+                except OSError:
+                    pass
+                if time.perf_counter() - t0 > 120:
+                    raise RuntimeError("timed out: " + (work / "daemon.log").read_text()[-2000:])
+                time.sleep(0.002)
+            lat.append(time.perf_counter() - t0)
+            for old in sorted(run.glob("ckpt_*.pt"))[:-6]:
+                old.unlink()  # the trainer prunes: keeps disk use bounded
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    members = sorted((work / "out/bench/exp/members").glob("*.safetensors"))
+    from ckptd.averaging import average_checkpoints
+
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        average_checkpoints(members, work / "baseline_avg.safetensors")
+        times.append(time.perf_counter() - t0)
+    avg_t = statistics.median(times)
+    steady = lat[5:] if len(lat) > 6 else lat
+    p95 = statistics.quantiles(steady, n=20)[-1] if len(steady) >= 2 else steady[0]
+    print(f"LATENCY rename -> published average ({n} checkpoints of {mb} MiB, k=5, events mode)")
+    print(f"  all        median {statistics.median(lat):.3f} s   p95 {statistics.quantiles(lat, n=20)[-1]:.3f} s")
+    print(f"  k full     median {statistics.median(steady):.3f} s   p95 {p95:.3f} s   (after the first 5)")
+    print(f"  baseline   one streamed average of {len(members)} members: {avg_t:.3f} s")
+    print(f"  overhead   median latency - averaging time = {statistics.median(steady) - avg_t:.3f} s "
+          "(sha256 of the source, pinned member copy, best.safetensors, fsyncs, manifest, detection)")
+
+
+def idle_cpu(work: Path, seconds: float, runs: int = 100) -> None:
+    root = work / "idle"
+    for r in range(runs):
+        (root / f"run{r:03d}").mkdir(parents=True)
+    cfg = config(work / "idle_state", root, "*")
+    (work / "idle_state").mkdir()
+    proc = start_daemon(cfg, work / "idle_state")
+    try:
+        time.sleep(3)
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(seconds)
+        c1, t1 = cpu_seconds(proc.pid), time.monotonic()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    print(f"IDLE CPU watching {runs} runs for {seconds:.0f} s: {100 * (c1 - c0) / (t1 - t0):.2f}% of one core "
+          f"({c1 - c0:.2f} CPU-s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=int, default=100)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--idle", type=float, default=60)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ckptd-bench-"))
+    try:
+        latency(work, args.mb, args.n)
+        idle_cpu(work, args.idle)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
