@@ -63,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["max", "min"], default="max")
     _add_weight_options(p)
 
+    p = sub.add_parser("export-coreml", help="convert weights to a verified CoreML .mlpackage")
+    p.add_argument("--weights", required=True, help="weights file or checkpoint (any layout ckptd reads)")
+    p.add_argument("--factory", required=True, help="module:callable that returns the nn.Module")
+    p.add_argument("--factory-kwargs", default="{}", help="JSON object of keyword arguments for the factory")
+    p.add_argument("--python-path", action="append", default=[], help="directory to add to sys.path (repeatable)")
+    p.add_argument("--input", action="append", required=True, metavar="NAME:SHAPE[:image]",
+                   help="e.g. image:1x3x224x224 or image:1x3x64-512x64-512:image (a-b = flexible range)")
+    p.add_argument("--output-name", action="append", default=[], help="name of each output, in order")
+    p.add_argument("--precision", choices=["float16", "float32"], default="float16")
+    p.add_argument("--target", default="iOS17", help="minimum deployment target (default iOS17)")
+    p.add_argument("--compression", choices=["none", "int8", "palettize4", "palettize8"], default="none")
+    p.add_argument("--timeout", default="10m")
+    p.add_argument("--keep", type=int, default=3, help="previous versions kept next to OUT")
+    p.add_argument("-o", "--output", required=True, help="OUT.mlpackage (a symlink to a verified version)")
+
     from ckptd.cli_daemon import add_daemon_commands
 
     add_daemon_commands(sub)
@@ -89,7 +104,58 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    return {"inspect": cmd_inspect, "extract": cmd_extract, "average": cmd_average}[args.command](args)
+    return {"inspect": cmd_inspect, "extract": cmd_extract, "average": cmd_average,
+            "export-coreml": cmd_export_coreml}[args.command](args)
+
+
+def _parse_input(text: str) -> dict:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("image", "tensor")):
+        raise ValueError(f"--input {text!r}: expected NAME:SHAPE[:image]")
+    dims: list = []
+    for d in parts[1].split("x"):
+        lo, sep, hi = d.partition("-")
+        dims.append([int(lo), int(hi)] if sep else int(d))
+    return {"name": parts[0], "shape": dims, "kind": parts[2] if len(parts) == 3 else "tensor"}
+
+
+def cmd_export_coreml(args: argparse.Namespace) -> int:
+    from ckptd.export.request import ExportRequest
+    from ckptd.export.runner import publish_package, run_export, staging_path
+    from ckptd.units import parse_duration
+
+    try:
+        inputs = [_parse_input(t) for t in args.input]
+        kwargs = json.loads(args.factory_kwargs)
+        timeout = parse_duration(args.timeout)
+    except ValueError as exc:
+        print(f"ckptd export-coreml: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.output)
+    if out.suffix != ".mlpackage":
+        print("ckptd export-coreml: -o must end in .mlpackage", file=sys.stderr)
+        return EXIT_USAGE
+    parent = out.parent.resolve()
+    parent.mkdir(parents=True, exist_ok=True)
+    weights = str(Path(args.weights).resolve())
+    req = ExportRequest(weights=weights, factory=args.factory, output=str(staging_path(parent)), inputs=inputs,
+                        factory_kwargs=kwargs, python_path=[str(Path(p).resolve()) for p in args.python_path],
+                        outputs=args.output_name, precision=args.precision, minimum_deployment_target=args.target,
+                        compression=args.compression, metadata={"source": weights})
+    print(f"exporting {args.weights} with {args.factory} (in a subprocess, timeout {timeout:g}s) …", file=sys.stderr)
+    result = run_export(req, timeout)
+    for key in ("capture", "graph_parity", "spec", "package_run", "predict"):
+        if key in result.verification:
+            print(f"  {key:13} {result.verification[key]}", file=sys.stderr)
+    if result.status != "ok":
+        import shutil
+
+        shutil.rmtree(req.output, ignore_errors=True)
+        print(f"ckptd: error: export failed: {result.reason or result.status}", file=sys.stderr)
+        return EXIT_FAILURE
+    version = publish_package(Path(req.output), parent, label=Path(weights).stem, keep=args.keep, name=out.name)
+    print(f"wrote {out} -> {version.relative_to(parent)} ({result.seconds:.1f}s, verified)")
+    return EXIT_OK
 
 
 def _strip(args: argparse.Namespace) -> tuple[str, ...]:

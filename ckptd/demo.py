@@ -122,7 +122,7 @@ def run_demo(directory: str | None, *, epochs: int = 8, export: bool = True) -> 
     out = base / "out" / "demo" / "exp1"
     print("\nproduced:")
     for p in sorted(out.rglob("*")):
-        if p.is_file() and ".mlpackage" not in str(p.parent) or p.suffix == ".mlpackage":
+        if (p.is_file() and ".mlpackage" not in str(p.parent)) or p.suffix == ".mlpackage":
             size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
             print(f"  {p.relative_to(base)}  ({size / 1024:.1f} KiB)")
     from ckptd.cli_daemon import collect_status, print_status

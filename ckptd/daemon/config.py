@@ -89,6 +89,7 @@ class CoremlPolicy:
     timeout: float = 600.0
     keep: int = 3
     compression: str = "none"
+    publish_partial: bool = False
     author: str = ""
     version: str = ""
     description: str = ""
@@ -325,7 +326,8 @@ def _shape(v: Any) -> tuple[Any, ...]:
 def _coreml(data: Any, path: str, problems: _Problems) -> CoremlPolicy:
     sec = _Section(data, path, problems, (
         "enabled", "source", "factory", "factory_kwargs", "python_path", "inputs", "outputs", "precision",
-        "minimum_deployment_target", "timeout", "keep", "compression", "author", "version", "description"))
+        "minimum_deployment_target", "timeout", "keep", "compression", "publish_partial", "author", "version",
+        "description"))
     if data is None:
         return CoremlPolicy()
     inputs: list[InputSpec] = []
@@ -362,6 +364,7 @@ def _coreml(data: Any, path: str, problems: _Problems) -> CoremlPolicy:
         keep=sec.get("keep", 3, _int(1), "an integer >= 1"),
         compression=sec.get("compression", "none", _choice("none", "int8", "palettize4", "palettize8"),
                             "none, int8, palettize4 or palettize8"),
+        publish_partial=sec.get("publish_partial", False, _bool, "true or false"),
         author=sec.get("author", "", str, "a string"),
         version=sec.get("version", "", str, "a string"),
         description=sec.get("description", "", str, "a string"),

@@ -7,6 +7,8 @@ old or the new complete files, and the checkpoint still "pending" in the ledger 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from ckptd.daemon.outputs import (
 )
 from ckptd.daemon.policy import Decision, Record, decide, ranked
 from ckptd.errors import CheckpointError, CkptdError, IncompleteCheckpointError
+from ckptd.export.runner import cleanup_staging
 from ckptd.formats import check_complete
 from ckptd.metrics import first_value
 from ckptd.model_state import compare_state
@@ -52,16 +55,18 @@ class RunProcessor:
     """Processes one run's candidates, one at a time (the daemon never runs two jobs of one run at once)."""
 
     def __init__(self, ctx: RunContext, ledger: Ledger, log: Any, stop: threading.Event | None = None,
-                 on_new_best: Any = None) -> None:
+                 exporter: Any = None, hooks: Any = None) -> None:
         self.ctx = ctx
         self.ledger = ledger
         self.log = log.bind(watch=ctx.watch.name, run=ctx.run)
         self.stop = stop or threading.Event()
-        self.on_new_best = on_new_best
+        self.exporter = exporter if ctx.policy.coreml.enabled else None
+        self.hooks = hooks
+        self.manifest_lock = threading.Lock()
         self._reconciled = False
 
     # --- helpers ------------------------------------------------------------------------------------------
-    def _members(self) -> list[MemberRow]:
+    def members(self) -> list[MemberRow]:
         """Current members, best first."""
         rows = self.ledger.members(self.ctx.watch.name, self.ctx.run)
         by_record = {r.record: r for r in rows}
@@ -71,24 +76,57 @@ class RunProcessor:
         return self.ledger.record(self.ctx.watch.name, self.ctx.run, str(obs.path), obs.size, obs.mtime_ns, **kw)
 
     def write_manifest(self, members: list[MemberRow] | None = None, *, coreml: dict[str, Any] | None = None) -> None:
-        members = self._members() if members is None else members
-        last = self.ledger.last_checkpoint(self.ctx.watch.name, self.ctx.run)
-        if coreml is None:
-            coreml = self._current_coreml()
-        manifest = build_manifest(self.ctx.watch.name, self.ctx.run, self.ctx.output, self.ctx.policy, members,
-                                  last, coreml)
-        write_manifest(self.ctx.output, manifest)
+        """Rewrite manifest.json (serialized with exports, which update its coreml block)."""
+        with self.manifest_lock:
+            members = self.members() if members is None else members
+            last = self.ledger.last_checkpoint(self.ctx.watch.name, self.ctx.run)
+            if coreml is None:
+                coreml = self.current_coreml()
+            manifest = build_manifest(self.ctx.watch.name, self.ctx.run, self.ctx.output, self.ctx.policy, members,
+                                      last, coreml)
+            write_manifest(self.ctx.output, manifest)
 
-    def _current_coreml(self) -> dict[str, Any] | None:
+    def current_coreml(self) -> dict[str, Any] | None:
+        """The manifest's coreml block as last written (the manifest is its only store)."""
         path = self.ctx.output / MANIFEST
         if not path.exists():
             return None
         try:
-            import json
-
             return json.loads(path.read_text()).get("coreml")
         except (OSError, ValueError):
             return None
+
+    def note_export(self, block: dict[str, Any], *, ok: bool) -> None:
+        """Called by the export scheduler when an export finished (published or failed)."""
+        self.write_manifest(coreml=block)
+        self.ledger.note_event(self.ctx.watch.name, self.ctx.run, "exported" if ok else "export_failed",
+                               error=None if ok else f"coreml export: {block.get('reason')}")
+        if self.hooks is not None:
+            self.hooks.fire(self, "on_export", {"CKPTD_EXPORT_STATUS": block.get("status", ""),
+                                                "CKPTD_EXPORT_PATH": str(self.ctx.output / "best.mlpackage"),
+                                                "CKPTD_SOURCE": str(block.get("source", "")),
+                                                "CKPTD_METRIC": str(block.get("metric", "")),
+                                                "CKPTD_STEP": str(block.get("step", ""))})
+
+    def _request_export(self, members: list[MemberRow], *, new_best: bool, average_changed: bool) -> None:
+        if self.exporter is None or not members:
+            return
+        source = self.ctx.policy.coreml.source
+        if source == "best" and new_best:
+            self.exporter.request_for_member(self, members[0])
+        elif source == "average" and average_changed and len(members) >= self.ctx.policy.average.min_members:
+            self.exporter.request_average(self, members)
+
+    def export_outdated(self, members: list[MemberRow]) -> bool:
+        """Does the published export lag behind the current best/average (e.g. after a restart)?"""
+        if self.exporter is None or not members:
+            return False
+        block = self.current_coreml() or {}
+        if self.ctx.policy.coreml.source == "best":
+            return block.get("sha256") != members[0].record.sha256
+        if len(members) < self.ctx.policy.average.min_members:
+            return False
+        return block.get("sha256") != average_signature(members)
 
     # --- reconcile ----------------------------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -98,7 +136,9 @@ class RunProcessor:
         for directory in (out, out / MEMBERS_DIR):
             for tmp in cleanup_stale_temps(directory):
                 self.log.info("output.temp_removed", file=str(tmp), reason="left by an interrupted write")
-        members = self._members()
+        for tmp in cleanup_staging(out):
+            self.log.info("output.temp_removed", file=str(tmp), reason="left by an interrupted export")
+        members = self.members()
         if not members:
             members = self._restore_members_from_disk()
         changed = False
@@ -127,7 +167,7 @@ class RunProcessor:
             if f.name not in referenced:
                 f.unlink(missing_ok=True)
                 self.log.info("member.orphan_removed", file=str(f), reason="not a member in the ledger")
-        kept = self._members()
+        kept = self.members()
         if kept:
             if changed or (not (out / BEST).exists() and "safetensors" in self.ctx.policy.model_only.formats):
                 publish_best_from_member(out, kept[0], self.ctx.policy)
@@ -137,6 +177,10 @@ class RunProcessor:
                 self.log.info("average.rebuilt", k=len(kept))
         self.write_manifest(kept)
         self._reconciled = True
+        if self.export_outdated(kept):
+            self.log.info("export.catch_up", reason="the published CoreML export does not match the current "
+                          f"{self.ctx.policy.coreml.source}; exporting")
+            self._request_export(kept, new_best=True, average_changed=True)
 
     def _restore_members_from_disk(self) -> list[MemberRow]:
         """Ledger lost: member copies carry source, sha256, metric and step in their metadata."""
@@ -161,7 +205,7 @@ class RunProcessor:
                 self.ledger.set_members(db, self.ctx.watch.name, self.ctx.run, restored)
             self.log.warning("ledger.restored", members=len(restored), reason="ledger had no members for this run; "
                              "restored them from the pinned copies' metadata")
-        return self._members()
+        return self.members()
 
     # --- processing ---------------------------------------------------------------------------------------
     def _open(self, path: Path) -> Any:
@@ -217,7 +261,7 @@ class RunProcessor:
             return "retry"
         ckpt_id = self._record(obs, status="pending", sha256=sha, metric=metric,
                                metric_source=metric_src if metric is not None else None, step=step)
-        members = self._members()
+        members = self.members()
         record = Record(ckpt_id, str(path), sha, metric, step, obs.mtime_ns / 1e9)
         decision = decide([m.record for m in members], record, self.ctx.policy.average.top_k,
                           self.ctx.policy.metric.mode)
@@ -279,9 +323,22 @@ class RunProcessor:
                       action="join", reason=decision.reason, k=len(members),
                       average=len(members) >= policy.average.min_members, new_best=decision.new_best)
         self.ledger.note_event(self.ctx.watch.name, self.ctx.run, "new_best" if decision.new_best else "joined")
-        if decision.new_best and self.on_new_best is not None:
-            self.on_new_best(self, members[0])
+        average_changed = len(members) >= policy.average.min_members
+        self._request_export(members, new_best=decision.new_best, average_changed=average_changed)
+        if self.hooks is not None:
+            env = {"CKPTD_CHECKPOINT": record.path, "CKPTD_METRIC": str(record.metric), "CKPTD_STEP": str(record.step),
+                   "CKPTD_SHA256": record.sha256}
+            if decision.new_best:
+                self.hooks.fire(self, "on_new_best", {**env, "CKPTD_BEST": str(out / "best.safetensors")})
+            if average_changed:
+                self.hooks.fire(self, "on_average", {**env, "CKPTD_AVERAGE": str(out / AVERAGE),
+                                                     "CKPTD_K": str(len(members))})
         return "done"
+
+
+def average_signature(members: list[MemberRow]) -> str:
+    """Identity of an average: the sha256 over its members' content hashes."""
+    return hashlib.sha256("".join(sorted(m.record.sha256 for m in members)).encode()).hexdigest()
 
 
 def _unchanged(obs: Observation) -> bool:

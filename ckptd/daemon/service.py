@@ -17,6 +17,8 @@ from typing import Any
 
 from ckptd.daemon.config import Config, Watch, load_config
 from ckptd.daemon.discovery import list_runs, scan_run
+from ckptd.daemon.exports import ExportScheduler
+from ckptd.daemon.hooks import HookRunner
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.logs import configure_logging, get_logger
 from ckptd.daemon.notify import Notifier
@@ -63,6 +65,8 @@ class Daemon:
         self._poll_watches: set[str] = set()
         self._last_action = "starting"
         self.failures = 0
+        self.exports = ExportScheduler(self.ledger, self.log)
+        self.hooks = HookRunner(self.log)
 
     # --- watches -------------------------------------------------------------------------------------------
     def _setup_watchers(self) -> None:
@@ -135,7 +139,8 @@ class Daemon:
                     continue
                 ctx = RunContext(watch=watch, policy=policy, run=name, run_dir=run_dir, output=output)
                 self.ledger.touch_run(watch.name, name, str(run_dir), str(output))
-                processor = RunProcessor(ctx, self.ledger, self.log, self._stop)
+                processor = RunProcessor(ctx, self.ledger, self.log, self._stop, exporter=self.exports,
+                                         hooks=self.hooks)
                 self.runs[key] = RunState(ctx=ctx, processor=processor,
                                           tracker=state.tracker if state else ReadinessTracker())
                 if state is None:
@@ -315,6 +320,7 @@ class Daemon:
         self.log.info("daemon.stopping", running_jobs=running, deadline_s=self.config.shutdown_deadline)
         if self._watcher is not None:
             self._watcher.stop()
+        self.exports.shutdown()  # an export in flight is killed; it is redone on restart
         while any(s.running for s in self.runs.values()) and time.monotonic() < deadline:
             time.sleep(0.05)
         if any(s.running for s in self.runs.values()):
@@ -322,6 +328,7 @@ class Daemon:
                              "(outputs are atomic: nothing partial is published; it is redone on restart)")
             os._exit(0)
         self._pool.shutdown(wait=True)
+        self.hooks.shutdown(wait=False)
         self.ledger.close()
         self.log.info("daemon.stopped")
         return 0
@@ -332,6 +339,8 @@ class Daemon:
         for state in self.runs.values():
             self._submit(state)
         self._pool.shutdown(wait=True)
+        self.exports.wait()
+        self.hooks.shutdown(wait=True)
         for state in self.runs.values():
             self.log.info("run.summary", watch=state.ctx.watch.name, run=state.ctx.run,
                           counts=self.ledger.counts(state.ctx.watch.name, state.ctx.run),

@@ -1,0 +1,1 @@
+"""CoreML export: capture, convert, verify (on Linux too), publish atomically. coremltools is imported lazily."""

@@ -1,0 +1,129 @@
+"""Run an export in a child process with a timeout, and publish verified packages atomically.
+
+The child gets its own TMPDIR (coremltools leaves temporary packages there until the process exits) and its own
+process group, so a timeout kills it and everything it started; the temp dir is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from ckptd.atomic import TEMP_PREFIX, fsync_dir
+from ckptd.export.request import ExportRequest, ExportResult
+
+VERSIONS_DIR = "coreml"
+_VERSION_RE = re.compile(r"^best-v(\d+)(?:-.*)?\.mlpackage$")
+_LIVE: set[subprocess.Popen[bytes]] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def run_export(req: ExportRequest, timeout: float) -> ExportResult:
+    """Export in a subprocess; never raises for export problems (the result says failed, with the reason)."""
+    start = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="ckptd-export-"))
+    try:
+        (tmp / "request.json").write_text(req.to_json())
+        env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        with open(tmp / "worker.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "ckptd.export.worker", str(tmp / "request.json"),
+                                     str(tmp / "result.json")], stdout=log, stderr=log, env=env,
+                                    start_new_session=True)
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            return ExportResult(status="failed", reason=f"export timed out after {timeout:g}s and was killed",
+                                seconds=time.monotonic() - start)
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+        if (tmp / "result.json").exists():
+            result = ExportResult.read(tmp / "result.json")
+            result.seconds = time.monotonic() - start
+            return result
+        tail = (tmp / "worker.log").read_text(errors="replace").strip().splitlines()[-3:]
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        return ExportResult(status="failed", reason=f"export process died ({how}): {' | '.join(tail)[:400]}",
+                            seconds=time.monotonic() - start)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def kill_running_exports() -> None:
+    """On daemon shutdown: stop exports now (they are redone on restart; nothing partial was published)."""
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        _kill(proc)
+
+
+def staging_path(output: Path) -> Path:
+    """Where the worker builds the package: next to its final place (same filesystem), under a temp name."""
+    versions = output / VERSIONS_DIR
+    versions.mkdir(parents=True, exist_ok=True)
+    return versions / f"{TEMP_PREFIX}staging-{uuid.uuid4().hex[:8]}.mlpackage"
+
+
+def cleanup_staging(output: Path) -> list[Path]:
+    removed = []
+    versions = output / VERSIONS_DIR
+    if versions.is_dir():
+        for p in versions.iterdir():
+            if p.name.startswith(TEMP_PREFIX + "staging-"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _versions(output: Path) -> list[tuple[int, Path]]:
+    versions = output / VERSIONS_DIR
+    found = []
+    if versions.is_dir():
+        for p in versions.iterdir():
+            m = _VERSION_RE.match(p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def publish_package(staging: Path, output: Path, *, label: str, keep: int, name: str = "best.mlpackage") -> Path:
+    """Move a verified package into a new version directory and switch ``<output>/<name>`` to it in one
+    atomic symlink replacement; keep ``keep`` previous versions. Returns the version directory."""
+    versions = output / VERSIONS_DIR
+    number = (max((n for n, _ in _versions(output)), default=0)) + 1
+    final = versions / f"best-v{number:04d}-{re.sub(r'[^A-Za-z0-9._-]', '_', label)[:60]}.mlpackage"
+    os.rename(staging, final)
+    fsync_dir(versions)
+    link = output / name
+    if link.exists() and not link.is_symlink():  # a real directory left by something else: version it
+        os.rename(link, versions / "best-v0000-previous.mlpackage")
+    tmp_link = output / f"{TEMP_PREFIX}link-{uuid.uuid4().hex[:8]}"
+    os.symlink(os.path.relpath(final, output), tmp_link)
+    os.replace(tmp_link, link)
+    fsync_dir(output)
+    current = final.resolve()
+    for _, old in _versions(output)[: -(keep + 1)]:
+        if old.resolve() != current:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
