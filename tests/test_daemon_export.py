@@ -1,0 +1,122 @@
+"""CoreML export driven by the daemon: new bests produce verified versions, swapped in atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptd.examples import TinyConvNet
+from tests.daemon_helpers import DaemonProcess, atomic_save, write_config
+
+pytestmark = pytest.mark.slow
+
+COREML = {"enabled": True, "factory": "ckptd.examples:build_tiny_convnet", "factory_kwargs": {"width": 8},
+          "inputs": [{"name": "image", "shape": [1, 3, 8, 8]}], "outputs": ["logits"], "precision": "float32",
+          "timeout": "3m", "keep": 1}
+
+
+def _save(path: Path, seed: int, metric: float) -> None:
+    torch.manual_seed(seed)
+    atomic_save({"model_state_dict": TinyConvNet().state_dict(), "metric": metric, "iterations": seed}, path)
+
+
+def test_new_bests_publish_verified_versions_never_partial(tmp_path: Path) -> None:
+    config = write_config(tmp_path, policy={"export": {"coreml": COREML}})
+    run = tmp_path / "train" / "exp"
+    run.mkdir(parents=True)
+    out = tmp_path / "out/w/exp"
+    link = out / "best.mlpackage"
+    seen: list[str] = []
+    bad: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:  # polls every 10 ms: whenever best.mlpackage exists it must be a complete package
+        while not stop.is_set():
+            if os.path.lexists(link):
+                target = os.path.realpath(link)
+                if not (Path(target) / "Manifest.json").is_file() or \
+                        not (Path(target) / "Data/com.apple.CoreML/model.mlmodel").is_file():
+                    bad.append(target)
+                elif not seen or seen[-1] != target:
+                    seen.append(target)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    try:
+        _save(run / "a.pt", 1, 0.5)
+        daemon.wait_for(lambda ev: sum(e["event"] == "export.published" for e in ev) >= 1, 180, "first export")
+        _save(run / "b.pt", 2, 0.9)
+        daemon.wait_for(lambda ev: sum(e["event"] == "export.published" for e in ev) >= 2, 180, "second export")
+        _save(run / "c.pt", 3, 0.1)  # not a new best: no export
+        daemon.wait_for(daemon.processed(run / "c.pt"), 30, "non-best checkpoint")
+        time.sleep(1)
+    finally:
+        stop.set()
+        thread.join()
+        assert daemon.stop() == 0
+    assert not bad, f"reader saw incomplete packages: {bad}"
+    assert len(seen) == 2 and seen[0] != seen[1]
+    published = [e for e in daemon.events() if e["event"] == "export.published"]
+    assert len(published) == 2 and all(e["verification"]["package_run"] == "ok" for e in published)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["coreml"]["status"] == "ok" and manifest["coreml"]["source"] == str(run / "b.pt")
+    assert manifest["coreml"]["verification"]["graph_parity"] == "ok"
+    assert manifest["coreml"]["verification"]["spec"] == "ok"
+    # keep: 1 -> the current and one previous version
+    assert len([p for p in (out / "coreml").iterdir() if p.name.startswith("best-v")]) == 2
+    db = sqlite3.connect(tmp_path / "state/ledger.sqlite3")
+    assert [r[0] for r in db.execute("SELECT status FROM exports ORDER BY id")] == ["ok", "ok"]
+
+
+def test_failed_export_keeps_outputs_and_reports_once(tmp_path: Path) -> None:
+    coreml = {**COREML, "factory": "no_such_module:build"}
+    config = write_config(tmp_path, policy={"export": {"coreml": coreml}})
+    run = tmp_path / "train" / "exp"
+    run.mkdir(parents=True)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    try:
+        _save(run / "a.pt", 1, 0.5)
+        _save(run / "b.pt", 2, 0.6)
+        daemon.wait_for(lambda ev: sum(e["event"] == "export.failed" for e in ev) >= 1, 120, "export failure")
+        daemon.wait_for(daemon.processed(run / "b.pt"), 30, "b")
+    finally:
+        assert daemon.stop() == 0
+    out = tmp_path / "out/w/exp"
+    assert (out / "best.safetensors").exists() and (out / "average.safetensors").exists()
+    assert not os.path.lexists(out / "best.mlpackage")
+    failed = [e for e in daemon.events() if e["event"] == "export.failed"]
+    assert "cannot import factory 'no_such_module:build'" in failed[0]["reason"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["coreml"]["status"] == "failed" and "no_such_module" in manifest["coreml"]["reason"]
+
+
+def test_burst_of_new_bests_exports_only_the_newest_next(tmp_path: Path) -> None:
+    coreml = {**COREML, "factory": "tests.export_models:build_slow", "factory_kwargs": {"seconds": 2},
+              "python_path": [str(Path(__file__).resolve().parent.parent)]}
+    config = write_config(tmp_path, policy={"export": {"coreml": coreml}, "average": {"top_k": 5}})
+    run = tmp_path / "train" / "exp"
+    run.mkdir(parents=True)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log")
+    try:
+        _save(run / "c1.pt", 1, 0.5)
+        daemon.wait_for(lambda ev: any(e["event"] == "export.started" for e in ev), 60, "first export started")
+        for i, metric in ((2, 0.6), (3, 0.7), (4, 0.8)):
+            _save(run / f"c{i}.pt", i, metric)
+            daemon.wait_for(daemon.processed(run / f"c{i}.pt"), 30, f"c{i}")
+        daemon.wait_for(lambda ev: sum(e["event"] == "export.published" for e in ev) >= 2, 180, "second export")
+        time.sleep(1)
+    finally:
+        assert daemon.stop() == 0
+    events = daemon.events()
+    started = [e["checkpoint"] for e in events if e["event"] == "export.started"]
+    assert started == [str(run / "c1.pt"), str(run / "c4.pt")]
+    assert sum(e["event"] == "export.debounced" for e in events) == 3
