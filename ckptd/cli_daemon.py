@@ -103,8 +103,9 @@ def collect_status(config: Any) -> list[dict[str, Any]]:
                                  (r["watch"], r["run"])).fetchall()
             counts = dict(db.execute("SELECT status, COUNT(*) FROM checkpoints WHERE watch=? AND run=? GROUP BY status",
                                      (r["watch"], r["run"])).fetchall())
-            export = db.execute("SELECT status, reason, source, metric, finished_at FROM exports WHERE watch=? AND run=? "
-                                "ORDER BY id DESC LIMIT 1", (r["watch"], r["run"])).fetchone()
+            export = db.execute("SELECT status, reason, source, metric, finished_at FROM exports "
+                                "WHERE watch=? AND run=? AND status != 'abandoned' ORDER BY id DESC LIMIT 1",
+                                (r["watch"], r["run"])).fetchone()
             out.append({
                 "watch": r["watch"], "run": r["run"], "run_dir": r["run_dir"], "output": r["output"],
                 "mode": mode,

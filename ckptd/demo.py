@@ -111,8 +111,21 @@ def run_demo(directory: str | None, *, epochs: int = 8, export: bool = True) -> 
         reader.wait(lambda e: e.get("checkpoint") == last and e["event"].startswith("checkpoint."), 60, daemon,
                     show=True)
         if export:
-            reader.wait(lambda e: e["event"] in ("export.published", "export.failed", "export.skipped"), 600, daemon,
-                        show=True, only_last=True)
+            print("waiting for the CoreML export of the final best …")
+            manifest_path = base / "out" / "demo" / "exp1" / "manifest.json"
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                for event in reader.new():
+                    _show(event)
+                try:
+                    m = json.loads(manifest_path.read_text())
+                    if m.get("coreml") and m["coreml"].get("sha256") == m["best"]["sha256"]:
+                        break
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+                if daemon.poll() is not None:
+                    raise RuntimeError(f"the daemon exited early; see {log_path}")
+                time.sleep(0.2)
         time.sleep(0.5)
         for event in reader.new():
             _show(event)
@@ -133,6 +146,11 @@ def run_demo(directory: str | None, *, epochs: int = 8, export: bool = True) -> 
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"\nmanifest: {out / 'manifest.json'} (best {manifest['best']['metric']:.4f} from "
           f"{Path(manifest['best']['source']).name})")
+    if manifest.get("coreml"):
+        c = manifest["coreml"]
+        checks = ", ".join(f"{k} {c['verification'].get(k)}" for k in ("graph_parity", "spec", "package_run")
+                           if k in c.get("verification", {}))
+        print(f"coreml:   {out / 'best.mlpackage'} ({c['status']}; {checks})")
     return 0
 
 
@@ -159,7 +177,7 @@ class _LogReader:
         return events
 
     def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float, proc: subprocess.Popen[bytes],
-             show: bool = False, only_last: bool = False) -> None:
+             show: bool = False) -> None:
         if any(pred(e) for e in self.seen):
             return
         deadline = time.monotonic() + timeout

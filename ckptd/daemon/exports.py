@@ -119,6 +119,11 @@ class ExportScheduler:
         log.info("export.started", action="export", reason=f"new {policy.source}; {policy.precision}, "
                                                            f"{policy.minimum_deployment_target}")
         result = run_export(request, policy.timeout)
+        if self.stopping:
+            cleanup_staging(ctx.output)
+            self.ledger.export_finished(export_id, "abandoned", reason="the daemon stopped; redone on restart")
+            log.info("export.abandoned", reason="the daemon is stopping; the export is redone on restart")
+            return
         previous = (proc.current_coreml() or {})
         block: dict[str, Any] = {
             "source": job.source, "sha256": job.sha256, "metric": job.metric, "step": job.step,
@@ -169,7 +174,7 @@ class ExportScheduler:
             self.stopping = True
             self._pending.clear()
         kill_running_exports()
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown(wait=True)
 
 
 def _snapshot_average(job: ExportJob) -> tuple[ExportJob, Path]:
