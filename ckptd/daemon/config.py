@@ -104,6 +104,20 @@ class HooksPolicy:
 
 
 @dataclass(frozen=True)
+class RetentionPolicy:
+    enabled: bool = False
+    keep_last: int = 3
+    min_age: float = 3600.0
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""
+    textfile: str = ""
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str
     weights: WeightsPolicy = WeightsPolicy()
@@ -113,6 +127,7 @@ class Policy:
     model_only: ModelOnlyPolicy = ModelOnlyPolicy()
     coreml: CoremlPolicy = CoremlPolicy()
     hooks: HooksPolicy = HooksPolicy()
+    retention: RetentionPolicy = RetentionPolicy()
 
 
 @dataclass(frozen=True)
@@ -146,6 +161,7 @@ class Config:
     max_parallel_runs: int = 2
     rescan_interval: float = 300.0
     shutdown_deadline: float = 30.0
+    metrics: MetricsConfig = MetricsConfig()
 
     def policy_for(self, watch: Watch) -> Policy:
         return self.policies[watch.policy]
@@ -253,7 +269,8 @@ def _commands(v: Any) -> tuple[tuple[str, ...], ...]:
 
 def _policy(name: str, data: Any, problems: _Problems) -> Policy:
     path = f"policies.{name}"
-    sec = _Section(data, path, problems, ("weights", "metric", "step", "average", "model_only", "export", "hooks"))
+    sec = _Section(data, path, problems, ("weights", "metric", "step", "average", "model_only", "export", "hooks",
+                                          "retention"))
     w = _Section(sec.data.get("weights"), f"{path}.weights", problems,
                  ("key", "strip_prefixes", "prefer_ema", "allow_globals"))
     weights = WeightsPolicy(
@@ -296,8 +313,16 @@ def _policy(name: str, data: Any, problems: _Problems) -> Policy:
         on_export=h.get("on_export", (), _commands, "a list of argv lists"),
         timeout=h.get("timeout", 60.0, parse_duration, "a duration like 30s"),
     )
+    rt = _Section(sec.data.get("retention"), f"{path}.retention", problems, ("enabled", "keep_last", "min_age",
+                                                                              "dry_run"))
+    retention = RetentionPolicy(
+        enabled=rt.get("enabled", False, _bool, "true or false"),
+        keep_last=rt.get("keep_last", 3, _int(1), "an integer >= 1"),
+        min_age=rt.get("min_age", 3600.0, parse_duration, "a duration like 1h"),
+        dry_run=rt.get("dry_run", False, _bool, "true or false"),
+    )
     return Policy(name=name, weights=weights, metric=metric, step_sources=step_sources, average=average,
-                  model_only=model_only, coreml=coreml, hooks=hooks)
+                  model_only=model_only, coreml=coreml, hooks=hooks, retention=retention)
 
 
 def _formats(v: Any) -> tuple[str, ...]:
@@ -377,6 +402,13 @@ def _coreml(data: Any, path: str, problems: _Problems) -> CoremlPolicy:
     return policy
 
 
+def _listen(v: Any) -> str:
+    host, sep, port = str(v).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError("expected")
+    return str(v)
+
+
 def _mapping(v: Any) -> Mapping[str, Any]:
     if not isinstance(v, Mapping):
         raise ValueError("expected")
@@ -433,7 +465,12 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     """Validate a parsed YAML tree; raises ConfigError listing every problem."""
     problems = _Problems()
     top = _Section(data, "", problems, ("state_dir", "log", "watches", "policies", "max_parallel_runs",
-                                        "rescan_interval", "shutdown_deadline"))
+                                        "rescan_interval", "shutdown_deadline", "metrics"))
+    mt = _Section(top.data.get("metrics"), "metrics", problems, ("listen", "textfile"))
+    metrics = MetricsConfig(listen=mt.get("listen", "", _listen, "host:port, e.g. 127.0.0.1:9478"),
+                            textfile=mt.get("textfile", "", _str, "a file path ending in .prom"))
+    if metrics.textfile and (not metrics.textfile.endswith(".prom") or not Path(metrics.textfile).is_absolute()):
+        problems.add("metrics.textfile", "must be an absolute path ending in .prom")
     state_dir = top.required("state_dir", _str, "a directory path")
     lg = _Section(top.data.get("log"), "log", problems, ("format", "level"))
     log = LogConfig(format=lg.get("format", "auto", _choice("auto", "json", "console"), "auto, json or console"),
@@ -462,6 +499,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         max_parallel_runs=top.get("max_parallel_runs", 2, _int(1), "an integer >= 1"),
         rescan_interval=top.get("rescan_interval", 300.0, parse_duration, "a duration like 5m"),
         shutdown_deadline=top.get("shutdown_deadline", 30.0, parse_duration, "a duration like 30s"),
+        metrics=metrics,
     )
     if state_dir and not Path(state_dir).is_absolute():
         problems.add("state_dir", "must be an absolute path")

@@ -46,8 +46,9 @@ def build_request(policy: CoremlPolicy, job: ExportJob, output: Path) -> ExportR
 
 
 class ExportScheduler:
-    def __init__(self, ledger: Any, log: Any, max_parallel: int = 1) -> None:
+    def __init__(self, ledger: Any, log: Any, max_parallel: int = 1, metrics: Any = None) -> None:
         self.ledger = ledger
+        self.metrics = metrics
         self.log = log
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="ckptd-export")
         self._lock = threading.Lock()
@@ -119,6 +120,11 @@ class ExportScheduler:
         log.info("export.started", action="export", reason=f"new {policy.source}; {policy.precision}, "
                                                            f"{policy.minimum_deployment_target}")
         result = run_export(request, policy.timeout)
+        if self.metrics is not None and not self.stopping:
+            self.metrics.job_duration.labels(action="export").observe(result.seconds)
+            self.metrics.exports.labels(result=result.status).inc()
+            if result.status == "ok":
+                self.metrics.success("export")
         if self.stopping:
             cleanup_staging(ctx.output)
             self.ledger.export_finished(export_id, "abandoned", reason="the daemon stopped; redone on restart")

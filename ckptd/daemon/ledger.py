@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS exports (
 );
 """
 
-FINAL_STATUSES = ("done", "invalid", "unranked", "duplicate", "skipped")
+FINAL_STATUSES = ("done", "invalid", "unranked", "duplicate", "skipped", "pruned")
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,18 @@ class Ledger:
             row = db.execute("SELECT id FROM checkpoints WHERE watch=? AND run=? AND path=? AND size=? AND mtime_ns=?",
                              (watch, run, path, size, mtime_ns)).fetchone()
         return int(row[0])
+
+    def known_files(self, watch: str, run: str) -> list[CheckpointRow]:
+        """Every processed identity of this run (rows restored from member copies excluded)."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, path, size, mtime_ns, sha256, status, reason, metric, step FROM "
+                                    "checkpoints WHERE watch=? AND run=? AND size >= 0", (watch, run)).fetchall()
+        return [CheckpointRow(*r) for r in rows]
+
+    def set_status(self, ckpt_id: int, status: str, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE checkpoints SET status=?, reason=?, updated_at=? WHERE id=?",
+                       (status, reason, time.time(), ckpt_id))
 
     def counts(self, watch: str, run: str) -> dict[str, int]:
         with self._lock:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from ckptd.atomic import cleanup_stale_temps
 from ckptd.daemon.config import Policy, Watch
 from ckptd.daemon.discovery import Observation, checkpoint_folder_kind, observe_folder
 from ckptd.daemon.ledger import FINAL_STATUSES, Ledger, MemberRow
+from ckptd.daemon.metrics import Metrics, rejection_reason
+from ckptd.daemon.retention import Known, select_prunable
 from ckptd.daemon.outputs import (
     AVERAGE,
     BEST,
@@ -55,8 +58,9 @@ class RunProcessor:
     """Processes one run's candidates, one at a time (the daemon never runs two jobs of one run at once)."""
 
     def __init__(self, ctx: RunContext, ledger: Ledger, log: Any, stop: threading.Event | None = None,
-                 exporter: Any = None, hooks: Any = None) -> None:
+                 exporter: Any = None, hooks: Any = None, metrics: Metrics | None = None) -> None:
         self.ctx = ctx
+        self.metrics = metrics or Metrics()
         self.ledger = ledger
         self.log = log.bind(watch=ctx.watch.name, run=ctx.run)
         self.stop = stop or threading.Event()
@@ -219,12 +223,23 @@ class RunProcessor:
 
     def process(self, obs: Observation) -> str:
         """Handle one ready candidate. Returns the outcome: a final status, 'incomplete' or 'retry'."""
+        started = time.monotonic()
+        outcome = self._process(obs)
+        self.metrics.processed.labels(outcome=outcome).inc()
+        self.metrics.job_duration.labels(action="process").observe(time.monotonic() - started)
+        if outcome in ("done", "skipped", "duplicate", "unranked"):
+            self.metrics.success("process")
+        return outcome
+
+    def _process(self, obs: Observation) -> str:
         if not self._reconciled:
             self.reconcile()
         watch, run = self.ctx.watch.name, self.ctx.run
         row = self.ledger.find(watch, run, str(obs.path), obs.size, obs.mtime_ns)
         if row is not None and row.status in FINAL_STATUSES:
             return row.status
+        if row is None:
+            self.metrics.detected.inc()
         path = obs.path
         try:
             check_complete(path)
@@ -232,6 +247,7 @@ class RunProcessor:
             if not _unchanged(obs):
                 return "retry"
             if row is None or row.reason != exc.reason:
+                self.metrics.rejected.labels(reason=rejection_reason(exc.reason)).inc()
                 self.log.warning("checkpoint.incomplete", checkpoint=str(path), action="wait",
                                  reason=f"{exc.reason} (will be retried when the file changes)")
             self._record(obs, status="incomplete", reason=exc.reason)
@@ -248,6 +264,7 @@ class RunProcessor:
                               reason="the file changed or vanished while being read")
                 return "retry"
             reason = exc.reason if isinstance(exc, CheckpointError) else str(exc)
+            self.metrics.rejected.labels(reason=rejection_reason(reason)).inc()
             self.log.error("checkpoint.invalid", checkpoint=str(path), action="ignore", reason=reason)
             self._record(obs, status="invalid", reason=reason)
             self.ledger.note_event(watch, run, "invalid", error=f"{path}: {reason}")
@@ -270,6 +287,7 @@ class RunProcessor:
         mismatch = self._architecture_mismatch(members, ckpt.weights)
         if mismatch:
             reason = f"architecture differs from this run's members ({mismatch}); not averaged"
+            self.metrics.rejected.labels(reason="architecture").inc()
             self.log.error("checkpoint.refused", checkpoint=str(path), metric=metric, action="refuse", reason=reason)
             self._record(obs, status="invalid", reason=reason, sha256=sha, metric=metric, step=step)
             self.ledger.note_event(watch, run, "refused", error=f"{path}: {reason}")
@@ -302,15 +320,21 @@ class RunProcessor:
         out, policy = self.ctx.output, self.ctx.policy
         files = {m.record.ckpt_id: m.file for m in old_members}
         new_file = member_path(out, record.path, record.sha256)
-        write_member(new_file, ckpt.weights, source=record.path, sha256=record.sha256, metric=record.metric,
-                     step=record.step, layout=ckpt.layout)
+        timer = self.metrics.job_duration
+        with timer.labels(action="member").time():
+            write_member(new_file, ckpt.weights, source=record.path, sha256=record.sha256, metric=record.metric,
+                         step=record.step, layout=ckpt.layout)
         files[record.ckpt_id] = str(new_file)
         members = [MemberRow(r, files[r.ckpt_id]) for r in decision.members]
         if decision.new_best:
-            publish_best(out, ckpt.weights, policy, source=record.path, sha256=record.sha256, metric=record.metric,
-                         step=record.step)
+            with timer.labels(action="best").time():
+                publish_best(out, ckpt.weights, policy, source=record.path, sha256=record.sha256,
+                             metric=record.metric, step=record.step)
+            self.metrics.success("best")
         if len(members) >= policy.average.min_members:
-            publish_average(out, members, policy)
+            with timer.labels(action="average").time():
+                publish_average(out, members, policy)
+            self.metrics.success("average")
         with self.ledger.transaction() as db:
             self.ledger.set_members(db, self.ctx.watch.name, self.ctx.run, members)
         self._record(obs, status="done", reason=decision.reason, sha256=record.sha256, metric=record.metric,
@@ -334,6 +358,39 @@ class RunProcessor:
                 self.hooks.fire(self, "on_average", {**env, "CKPTD_AVERAGE": str(out / AVERAGE),
                                                      "CKPTD_K": str(len(members))})
         return "done"
+
+
+def apply_retention(processor: RunProcessor, now: float) -> int:
+    """Opt-in pruning of training checkpoints (see ckptd.daemon.retention); returns how many were deleted."""
+    policy = processor.ctx.policy.retention
+    if not policy.enabled:
+        return 0
+    ctx, ledger = processor.ctx, processor.ledger
+    rows = ledger.known_files(ctx.watch.name, ctx.run)
+    known = [Known(r.path, r.size, r.mtime_ns, r.step, r.status, Path(r.path).is_dir()) for r in rows]
+    sources = {m.record.path for m in processor.members()}
+    deleted = 0
+    by_path = {(r.path, r.size, r.mtime_ns): r for r in rows}
+    for item, reason in select_prunable(known, sources, policy.keep_last, policy.min_age, now):
+        path = Path(item.path)
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime_ns) != (item.size, item.mtime_ns) or not path.is_file():
+            continue  # changed since it was processed: not the file the ledger knows
+        if policy.dry_run:
+            processor.log.info("retention.would_delete", checkpoint=str(path), action="dry-run", reason=reason)
+            continue
+        try:
+            path.unlink()
+        except OSError as exc:
+            processor.log.warning("retention.failed", checkpoint=str(path), reason=str(exc))
+            continue
+        ledger.set_status(by_path[(item.path, item.size, item.mtime_ns)].id, "pruned", reason)
+        processor.log.info("retention.deleted", checkpoint=str(path), action="delete", reason=reason)
+        deleted += 1
+    return deleted
 
 
 def average_signature(members: list[MemberRow]) -> str:

@@ -23,7 +23,8 @@ from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.logs import configure_logging, get_logger
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.paths import resolve_output, run_name
-from ckptd.daemon.pipeline import RunContext, RunProcessor
+from ckptd.daemon.metrics import Metrics
+from ckptd.daemon.pipeline import RunContext, RunProcessor, apply_retention
 from ckptd.daemon.readiness import ReadinessTracker
 from ckptd.daemon.watcher import EventWatcher, filesystem_type, is_network_fs
 from ckptd.errors import CkptdError, ConfigError
@@ -65,7 +66,8 @@ class Daemon:
         self._poll_watches: set[str] = set()
         self._last_action = "starting"
         self.failures = 0
-        self.exports = ExportScheduler(self.ledger, self.log)
+        self.metrics = Metrics(config.metrics.listen if not once else "", config.metrics.textfile)
+        self.exports = ExportScheduler(self.ledger, self.log, metrics=self.metrics)
         self.hooks = HookRunner(self.log)
 
     # --- watches -------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ class Daemon:
                 ctx = RunContext(watch=watch, policy=policy, run=name, run_dir=run_dir, output=output)
                 self.ledger.touch_run(watch.name, name, str(run_dir), str(output))
                 processor = RunProcessor(ctx, self.ledger, self.log, self._stop, exporter=self.exports,
-                                         hooks=self.hooks)
+                                         hooks=self.hooks, metrics=self.metrics)
                 self.runs[key] = RunState(ctx=ctx, processor=processor,
                                           tracker=state.tracker if state else ReadinessTracker())
                 if state is None:
@@ -174,7 +176,8 @@ class Daemon:
         ctx, processor, tracker = state.ctx, state.processor, state.tracker
         settle = 0.0 if self.once else ctx.watch.settle
         try:
-            candidates = scan_run(ctx.run_dir, ctx.watch)
+            with self.metrics.scan_duration.time():
+                candidates = scan_run(ctx.run_dir, ctx.watch)
             tracker.forget_missing({o.path for o in candidates})
             next_check: float | None = None
             pending = 0
@@ -198,6 +201,8 @@ class Daemon:
                     next_check = when if next_check is None else min(next_check, when)
             if not processor._reconciled:
                 processor.reconcile()
+            if not self._stop.is_set():
+                apply_retention(processor, time.time())
             state.pending = pending
             state.next_check = next_check
         except Exception as exc:  # one run's failure must never take the daemon down
@@ -284,6 +289,9 @@ class Daemon:
                 ready_sent = True
             self.notifier.watchdog(now)
             self.notifier.status(self._status_text())
+            self.metrics.runs.set(len(self.runs))
+            self.metrics.queue_depth.set(sum(s.pending for s in self.runs.values()))
+            self.metrics.flush()
             self._wake.wait(self._sleep_for(now, next_discovery))
             self._wake.clear()
         return self._shutdown()
@@ -329,6 +337,7 @@ class Daemon:
             os._exit(0)
         self._pool.shutdown(wait=True)
         self.hooks.shutdown(wait=False)
+        self.metrics.close()
         self.ledger.close()
         self.log.info("daemon.stopped")
         return 0
@@ -341,6 +350,7 @@ class Daemon:
         self._pool.shutdown(wait=True)
         self.exports.wait()
         self.hooks.shutdown(wait=True)
+        self.metrics.close()
         for state in self.runs.values():
             self.log.info("run.summary", watch=state.ctx.watch.name, run=state.ctx.run,
                           counts=self.ledger.counts(state.ctx.watch.name, state.ctx.run),

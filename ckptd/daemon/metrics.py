@@ -1,0 +1,73 @@
+"""Prometheus metrics (optional): an HTTP endpoint and/or a node_exporter textfile, both off by default.
+
+Uses prometheus_client (well kept, the reference implementation) with a private registry. Label values are
+small fixed sets (actions, outcomes, reason categories): never paths, steps or metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server, write_to_textfile
+
+from ckptd import __version__
+from ckptd.atomic import temp_path_for
+
+
+def rejection_reason(reason: str) -> str:
+    """Map a free-text reason to a bounded label value."""
+    text = reason.lower()
+    for needle, label in (("weights-only", "unsafe"), ("truncated", "truncated"), ("empty", "empty"),
+                          ("architecture", "architecture"), ("not a checkpoint", "foreign"),
+                          ("no model weights", "no_weights"), ("corrupt", "corrupt")):
+        if needle in text:
+            return label
+    return "other"
+
+
+class Metrics:
+    def __init__(self, listen: str = "", textfile: str = "") -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.detected = Counter("ckptd_checkpoints_detected", "Checkpoint candidates seen for the first time", registry=r)
+        self.rejected = Counter("ckptd_checkpoints_rejected", "Checkpoints rejected, by reason", ["reason"], registry=r)
+        self.processed = Counter("ckptd_checkpoints_processed", "Checkpoints processed, by outcome", ["outcome"],
+                                 registry=r)
+        self.job_duration = Histogram("ckptd_job_duration_seconds", "Duration of pipeline steps", ["action"],
+                                      buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+                                      registry=r)
+        self.queue_depth = Gauge("ckptd_queue_depth", "Candidates waiting (settling or retrying) over all runs",
+                                 registry=r)
+        self.runs = Gauge("ckptd_runs", "Runs being watched", registry=r)
+        self.scan_duration = Histogram("ckptd_scan_duration_seconds", "Duration of one run directory scan",
+                                       buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30), registry=r)
+        self.exports = Counter("ckptd_exports", "CoreML exports, by result", ["result"], registry=r)
+        self.last_success = Gauge("ckptd_last_success_timestamp_seconds", "Unix time of the last success, by action",
+                                  ["action"], registry=r)
+        Info("ckptd_build", "ckptd build information", registry=r).info({"version": __version__})
+        self.textfile = textfile
+        self._last_textfile = 0.0
+        self.server: Any = None
+        if listen:
+            host, _, port = listen.rpartition(":")
+            self.server = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=r)
+
+    def success(self, action: str) -> None:
+        self.last_success.labels(action=action).set(time.time())
+
+    def flush(self, force: bool = False) -> None:
+        """Write the textfile atomically (temp in the same directory + rename), at most every 5 s."""
+        if not self.textfile or (not force and time.monotonic() - self._last_textfile < 5):
+            return
+        self._last_textfile = time.monotonic()
+        tmp = temp_path_for(self.textfile)
+        write_to_textfile(str(tmp), self.registry)
+        os.replace(tmp, self.textfile)
+
+    def close(self) -> None:
+        self.flush(force=True)
+        if self.server is not None:
+            server, _thread = self.server
+            server.shutdown()
