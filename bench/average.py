@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import measure  # noqa: E402
+from _measure import measure
 
 MiB = 2**20
 
@@ -34,7 +34,8 @@ def build(workdir: Path, mb: int, k: int) -> tuple[list[str], list[str]]:
         p = workdir / f"plain_{i}.pt"
         torch.save(sd, p)
         plain.append(str(p))
-        optim = {"state": {j: {"step": torch.tensor(10.0), "exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v)}
+        optim = {"state": {j: {"step": torch.tensor(10.0), "exp_avg": torch.randn_like(v),
+                               "exp_avg_sq": torch.rand_like(v)}
                            for j, v in enumerate(sd.values()) if v.is_floating_point()},
                  "param_groups": [{"lr": 1e-3, "params": list(range(tensors))}]}
         t = workdir / f"training_{i}.pt"

@@ -80,7 +80,7 @@ def test_bad_files_are_reported_once_and_daemon_keeps_going(tmp_path: Path, tiny
         marker = tmp_path / "pwned"
 
         class Boom:
-            def __reduce__(self):  # noqa: ANN204
+            def __reduce__(self):
                 return (os.system, (f"touch {marker}",))
 
         torch.save({"model_state_dict": tiny().state_dict(), "metric": 0.99, "x": Boom()}, run / "evil.pt")
@@ -165,7 +165,8 @@ def test_trainer_deleting_its_files_and_ledger_rebuild(tmp_path: Path) -> None:
                          env=subprocess_env(), timeout=120)
     assert res.returncode == 0, res.stderr
     manifest2 = json.loads((out / "manifest.json").read_text())
-    assert [m["sha256"] for m in manifest2["average"]["members"]] == [m["sha256"] for m in manifest["average"]["members"]]
+    shas = [m["sha256"] for m in manifest["average"]["members"]]
+    assert [m["sha256"] for m in manifest2["average"]["members"]] == shas
     after = load_file(out / "average.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 

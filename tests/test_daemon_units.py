@@ -49,7 +49,8 @@ def test_example_config_documents_every_key_and_loads(tmp_path: Path) -> None:
                 "max_depth", "allow_output_in_root", "strip_prefixes", "prefer_ema", "allow_globals", "sources",
                 "min_members", "dtype", "formats", "factory", "factory_kwargs", "python_path", "inputs", "outputs",
                 "precision", "minimum_deployment_target", "timeout", "keep", "compression", "on_new_best",
-                "on_average", "on_export"):
+                "on_average", "on_export", "publish_partial", "author", "version", "description", "metrics",
+                "listen", "textfile", "retention", "enabled", "keep_last", "min_age", "dry_run"):
         assert f"{key}:" in text, key
 
 

@@ -41,7 +41,8 @@ CASES = {
     "transformer_fp32": ("tests.export_models:build_encoder", export_models.build_encoder,
                          [{"name": "tokens", "shape": [1, 5, 16]}], {"precision": "float32"}),
     "two_inputs": ("tests.export_models:build_two_inputs", export_models.build_two_inputs,
-                   [{"name": "vec", "shape": [1, 6]}, {"name": "img", "shape": [1, 3, 4, 4]}], {"precision": "float32"}),
+                   [{"name": "vec", "shape": [1, 6]}, {"name": "img", "shape": [1, 3, 4, 4]}],
+                   {"precision": "float32"}),
     "dict_output": ("tests.export_models:build_dict_output", export_models.build_dict_output,
                     [{"name": "x", "shape": [1, 3, 8, 8]}], {"precision": "float32"}),
     "image_input": ("ckptd.examples:build_tiny_convnet", lambda: export_models.TinyConvNet(),
@@ -144,7 +145,8 @@ def test_cli_export_coreml(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "package_run   ok" in res.stderr and (tmp_path / "m.mlpackage" / "Manifest.json").exists()
     res = subprocess.run([PYTHON, "-m", "ckptd.cli", "export-coreml", "--weights", str(weights), "--factory",
-                          "ckptd.examples:build_tiny_convnet", "--input", "image:1x3x8", "-o", str(tmp_path / "n.mlpackage"),
+                          "ckptd.examples:build_tiny_convnet", "--input", "image:1x3x8",
+                          "-o", str(tmp_path / "n.mlpackage"),
                           "--timeout", "2m"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert res.returncode == 1 and "export failed" in res.stderr
     assert not (tmp_path / "n.mlpackage").exists()

@@ -77,7 +77,7 @@ def test_explicit_key_path_and_clear_error(tmp_path: Path, tiny) -> None:
     sd = tiny().state_dict()
     torch.save({"nested": {"weights": sd}, "epoch": 1}, tmp_path / "n.pt")
     assert_same_state(open_checkpoint(tmp_path / "n.pt", key="nested.weights").weights, sd)
-    with pytest.raises(WeightsNotFoundError, match="nested.nope"):
+    with pytest.raises(WeightsNotFoundError, match=r"nested\.nope"):
         open_checkpoint(tmp_path / "n.pt", key="nested.nope")
     torch.save({"epoch": 1, "note": "no weights"}, tmp_path / "empty.pt")
     with pytest.raises(WeightsNotFoundError, match="top-level keys: epoch, note"):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ckptd.atomic import cleanup_stale_temps
-from ckptd.errors import CheckpointError
+from ckptd.errors import CheckpointError, WeightsMismatchError
 from ckptd.training_state import (
     SeedLayoutSaver,
     auto_resume,
@@ -69,7 +69,8 @@ def test_wrappers_are_seen_through(tmp_path: Path, tiny) -> None:
 
 def test_map_location_and_strict_mismatch_report(tmp_path: Path, tiny) -> None:
     save_training_state(build_training_state(tiny(width=8)), tmp_path / "t.pt")
-    with pytest.raises(Exception, match=r"shape mismatch.*conv\.weight model \[4, 3, 3, 3\] vs checkpoint \[8, 3, 3, 3\]"):
+    expected = r"shape mismatch.*conv\.weight model \[4, 3, 3, 3\] vs checkpoint \[8, 3, 3, 3\]"
+    with pytest.raises(WeightsMismatchError, match=expected):
         load_training_state(tmp_path / "t.pt", tiny(width=4))
     info = load_training_state(tmp_path / "t.pt", tiny(width=8), map_location=torch.device("cpu"))
     assert info.epoch == 0

@@ -306,7 +306,8 @@ def _policy(name: str, data: Any, problems: _Problems) -> Policy:
     )
     ex = _Section(sec.data.get("export"), f"{path}.export", problems, ("coreml",))
     coreml = _coreml(ex.data.get("coreml"), f"{path}.export.coreml", problems)
-    h = _Section(sec.data.get("hooks"), f"{path}.hooks", problems, ("on_new_best", "on_average", "on_export", "timeout"))
+    h = _Section(sec.data.get("hooks"), f"{path}.hooks", problems,
+                 ("on_new_best", "on_average", "on_export", "timeout"))
     hooks = HooksPolicy(
         on_new_best=h.get("on_new_best", (), _commands, "a list of argv lists, e.g. [[notify, --best]]"),
         on_average=h.get("on_average", (), _commands, "a list of argv lists"),
@@ -403,7 +404,9 @@ def _coreml(data: Any, path: str, problems: _Problems) -> CoremlPolicy:
 
 
 def _listen(v: Any) -> str:
-    host, sep, port = str(v).rpartition(":")
+    if v in ("", None):
+        return ""
+    _host, sep, port = str(v).rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError("expected")
     return str(v)
@@ -468,7 +471,8 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
                                         "rescan_interval", "shutdown_deadline", "metrics"))
     mt = _Section(top.data.get("metrics"), "metrics", problems, ("listen", "textfile"))
     metrics = MetricsConfig(listen=mt.get("listen", "", _listen, "host:port, e.g. 127.0.0.1:9478"),
-                            textfile=mt.get("textfile", "", _str, "a file path ending in .prom"))
+                            textfile=mt.get("textfile", "", lambda v: "" if v in ("", None) else _str(v),
+                                            "a file path ending in .prom"))
     if metrics.textfile and (not metrics.textfile.endswith(".prom") or not Path(metrics.textfile).is_absolute()):
         problems.add("metrics.textfile", "must be an absolute path ending in .prom")
     state_dir = top.required("state_dir", _str, "a directory path")

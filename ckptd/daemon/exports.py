@@ -99,8 +99,7 @@ class ExportScheduler:
                     self._running.discard(key)
 
     def _export(self, job: ExportJob) -> None:
-        proc = job.processor
-        ctx, policy = proc.ctx, proc.ctx.policy.coreml
+        ctx = job.processor.ctx
         log = self.log.bind(watch=ctx.watch.name, run=ctx.run, checkpoint=job.source, metric=job.metric)
         cleanup_staging(ctx.output)
         snapshot = None

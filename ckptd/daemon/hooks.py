@@ -31,7 +31,8 @@ class HookRunner:
     @staticmethod
     def _run(argv: list[str], env: dict[str, str], timeout: float, log: Any) -> None:
         try:
-            res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                                 stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as exc:
             log.error("hook.failed", command=argv, reason=f"timed out after {timeout:g}s",
                       output=_tail((exc.stdout or "") if isinstance(exc.stdout, str) else ""))

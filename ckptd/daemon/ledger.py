@@ -191,7 +191,8 @@ class Ledger:
                        step: int | None) -> int:
         with self.transaction() as db:
             cur = db.execute("INSERT INTO exports (watch, run, source, sha256, metric, step, status, started_at) "
-                             "VALUES (?,?,?,?,?,?, 'running', ?)", (watch, run, source, sha256, metric, step, time.time()))
+                             "VALUES (?,?,?,?,?,?, 'running', ?)",
+                             (watch, run, source, sha256, metric, step, time.time()))
             return int(cur.lastrowid or 0)
 
     def export_finished(self, export_id: int, status: str, *, reason: str | None = None, path: str | None = None,

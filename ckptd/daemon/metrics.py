@@ -31,7 +31,8 @@ class Metrics:
     def __init__(self, listen: str = "", textfile: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.detected = Counter("ckptd_checkpoints_detected", "Checkpoint candidates seen for the first time", registry=r)
+        self.detected = Counter("ckptd_checkpoints_detected", "Checkpoint candidates seen for the first time",
+                                registry=r)
         self.rejected = Counter("ckptd_checkpoints_rejected", "Checkpoints rejected, by reason", ["reason"], registry=r)
         self.processed = Counter("ckptd_checkpoints_processed", "Checkpoints processed, by outcome", ["outcome"],
                                  registry=r)

@@ -44,7 +44,8 @@ def member_path(output: Path, source: str, sha256: str) -> Path:
 def write_member(path: Path, weights: Mapping[str, torch.Tensor], *, source: str, sha256: str,
                  metric: float | None, step: int | None, layout: str) -> None:
     """A pinned copy in the checkpoint's own dtype: the average must not depend on the trainer keeping its file."""
-    md = provenance_metadata(source, sha256=sha256, metric=metric, step=step, extra={"layout": layout, "role": "member"})
+    md = provenance_metadata(source, sha256=sha256, metric=metric, step=step,
+                             extra={"layout": layout, "role": "member"})
     write_weights(path, weights, metadata=md)
 
 

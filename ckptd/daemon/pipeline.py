@@ -21,7 +21,6 @@ from ckptd.daemon.config import Policy, Watch
 from ckptd.daemon.discovery import Observation, checkpoint_folder_kind, observe_folder
 from ckptd.daemon.ledger import FINAL_STATUSES, Ledger, MemberRow
 from ckptd.daemon.metrics import Metrics, rejection_reason
-from ckptd.daemon.retention import Known, select_prunable
 from ckptd.daemon.outputs import (
     AVERAGE,
     BEST,
@@ -36,6 +35,7 @@ from ckptd.daemon.outputs import (
     write_member,
 )
 from ckptd.daemon.policy import Decision, Record, decide, ranked
+from ckptd.daemon.retention import Known, select_prunable
 from ckptd.errors import CheckpointError, CkptdError, IncompleteCheckpointError
 from ckptd.export.runner import cleanup_staging
 from ckptd.formats import check_complete

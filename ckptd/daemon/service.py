@@ -21,9 +21,9 @@ from ckptd.daemon.exports import ExportScheduler
 from ckptd.daemon.hooks import HookRunner
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.logs import configure_logging, get_logger
+from ckptd.daemon.metrics import Metrics
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.paths import resolve_output, run_name
-from ckptd.daemon.metrics import Metrics
 from ckptd.daemon.pipeline import RunContext, RunProcessor, apply_retention
 from ckptd.daemon.readiness import ReadinessTracker
 from ckptd.daemon.watcher import EventWatcher, filesystem_type, is_network_fs

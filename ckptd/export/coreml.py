@@ -228,7 +228,8 @@ def export_coreml(req: ExportRequest) -> ExportResult:
                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
     mlmodel.author = req.author or "ckptd"
     mlmodel.version = req.version or __version__
-    mlmodel.short_description = req.description or f"exported by ckptd {__version__} from {req.metadata.get('source', req.weights)}"
+    source = req.metadata.get("source", req.weights)
+    mlmodel.short_description = req.description or f"exported by ckptd {__version__} from {source}"
     user = mlmodel.user_defined_metadata
     for k, v in {**req.metadata, "ckptd_version": __version__, "torch_version": torch.__version__,
                  "coremltools_version": ct.__version__, "capture": capture_path}.items():

@@ -107,10 +107,7 @@ class _Args:
         var = self.op.inputs[name]
         if isinstance(var, (list, tuple)):
             raise TypeError(name)
-        if var.name in self.env:
-            value = self.env[var.name]
-        else:
-            value = _tensor(var.val)
+        value = self.env[var.name] if var.name in self.env else _tensor(var.val)
         return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.float16 else value
 
     def ts(self, name: str) -> list[torch.Tensor]:
@@ -229,9 +226,10 @@ def _slice_by_index(a: _Args) -> torch.Tensor:
 
 
 def _gelu(a: _Args) -> torch.Tensor:
-    mode = a.v("mode", "EXACT")
-    return F.gelu(a.t("x"), approximate="tanh" if mode == "TANH_APPROXIMATION" else "none") if mode != "SIGMOID_APPROXIMATION" \
-        else a.t("x") * torch.sigmoid(1.702 * a.t("x"))
+    mode, x = a.v("mode", "EXACT"), a.t("x")
+    if mode == "SIGMOID_APPROXIMATION":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate="tanh" if mode == "TANH_APPROXIMATION" else "none")
 
 
 def _matmul(a: _Args) -> torch.Tensor:
