@@ -61,7 +61,13 @@ def load_torch(
     use_mmap = mmap and fmt is CheckpointFormat.TORCH_ZIP
     try:
         with torch.serialization.safe_globals(resolve_globals(allow_globals)):
-            return torch.load(p, map_location=map_location, weights_only=True, mmap=use_mmap)
+            try:
+                return torch.load(p, map_location=map_location, weights_only=True, mmap=use_mmap)
+            except RuntimeError as exc:
+                if not use_mmap or "mmap" not in str(exc).lower():
+                    raise
+                # some FUSE/network filesystems cannot map files: read it instead (same safety)
+                return torch.load(p, map_location=map_location, weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
         raise _unsafe_or_corrupt(p, exc) from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError, IndexError,
@@ -154,7 +160,7 @@ def load_dcp(path: str | Path) -> dict[str, Any]:
             return _load_state_dict_from_keys(storage_reader=SafeReader(str(p)))
     except CheckpointError:
         raise
-    except Exception as exc:  # DCP wraps reader failures in its own CheckpointException type
+    except Exception as exc:  # DCP wraps reader failures in its own CheckpointException type  # noqa: BLE001
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__

@@ -178,3 +178,31 @@ def test_average_after_100_updates_equals_fresh_average(tmp_path: Path, tiny) ->
     assert manifest["best"]["metric"] == max(metrics)
     assert len(list((ctx.output / "members").iterdir())) == 5
     ledger.close()
+
+
+def test_missing_outputs_are_rebuilt_on_restart(tmp_path: Path, tiny) -> None:
+    cfg = parse_config(_config(tmp_path, average={"top_k": 3}))
+    run_dir = tmp_path / "train" / "exp"
+    run_dir.mkdir()
+    ctx = RunContext(watch=cfg.watches[0], policy=cfg.policies["default"], run="exp", run_dir=run_dir,
+                     output=tmp_path / "out" / "w" / "exp")
+    ledger = Ledger(tmp_path / "state" / "ledger.sqlite3")
+    proc = RunProcessor(ctx, ledger, get_logger())
+    for i, metric in enumerate((0.3, 0.9, 0.6)):
+        path = run_dir / f"c{i}.pt"
+        torch.save({"model_state_dict": tiny(seed=i).state_dict(), "metric": metric}, path)
+        st = path.stat()
+        proc.process(Observation(path, st.st_size, st.st_mtime_ns))
+    out = ctx.output
+    expected = {name: load_file(out / name) for name in ("best.safetensors", "average.safetensors")}
+    member = next(iter((out / "members").iterdir()))
+    member_before = load_file(member)
+    for p in (out / "best.safetensors", out / "average.safetensors", out / "manifest.json", member):
+        p.unlink()
+    RunProcessor(ctx, ledger, get_logger()).reconcile()  # what a restart does first
+    for name, tensors in expected.items():
+        got = load_file(out / name)
+        assert all(torch.equal(got[k], v) for k, v in tensors.items()), name
+    assert all(torch.equal(load_file(member)[k], v) for k, v in member_before.items())
+    assert json.loads((out / "manifest.json").read_text())["best"]["metric"] == 0.9
+    ledger.close()

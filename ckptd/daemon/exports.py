@@ -90,7 +90,7 @@ class ExportScheduler:
         while job is not None:
             try:
                 self._export(job)
-            except Exception as exc:
+            except Exception as exc:  # an export problem must never take the daemon down  # noqa: BLE001
                 self.log.error("export.failed", watch=key[0], run=key[1], checkpoint=job.source,
                                reason=f"{type(exc).__name__}: {exc}")
             with self._lock:

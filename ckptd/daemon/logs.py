@@ -28,8 +28,23 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    # library modules log through stdlib logging (e.g. auto-resume warnings): route them to the same stream
-    logging.basicConfig(level=_LEVELS[level], stream=stream, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # library modules (ours, watchdog, …) log through stdlib logging: forward them as structured lines too
+    root = logging.getLogger()
+    root.handlers = [_StructlogBridge()]
+    root.setLevel(_LEVELS[level])
+    for noisy in ("coremltools", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _StructlogBridge(logging.Handler):
+    """stdlib logging -> structlog, so every line on the stream has the same format."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            structlog.get_logger("ckptd").log(record.levelno, "library.log", logger=record.name,
+                                              message=record.getMessage())
+        except Exception:  # logging must never raise  # noqa: BLE001
+            self.handleError(record)
 
 
 def get_logger(**bind: Any) -> Any:

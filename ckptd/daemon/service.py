@@ -60,7 +60,8 @@ class Daemon:
         self._reload = False
         self._rediscover = True
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=config.max_parallel_runs, thread_name_prefix="ckptd-run")
+        # threads are created on demand; _schedule() enforces max_parallel_runs (which a reload may change)
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="ckptd-run")
         self._futures: set[Future[Any]] = set()
         self._watcher: EventWatcher | None = None
         self._poll_watches: set[str] = set()
@@ -89,7 +90,7 @@ class Daemon:
             if mode == "events":
                 try:
                     if self._watcher is None:
-                        self._watcher = EventWatcher(self._on_event)
+                        self._watcher = EventWatcher(self._on_event, self._on_overflow)
                     self._watcher.add(watch.root)
                     self.log.info("watch.events", watch=watch.name, root=str(watch.root), fstype=fstype)
                 except OSError as exc:
@@ -119,6 +120,15 @@ class Daemon:
                 self._rediscover = True
                 self._wake.set()
                 return
+
+    def _on_overflow(self) -> None:
+        """Events were lost: rescan everything now (the scan is the source of truth anyway)."""
+        self.log.warning("watch.overflow", reason="inotify queue overflowed; events were lost; rescanning all runs "
+                         "(consider raising fs.inotify.max_queued_events)")
+        for state in list(self.runs.values()):
+            state.dirty = True
+        self._rediscover = True
+        self._wake.set()
 
     # --- discovery ----------------------------------------------------------------------------------------
     def _discover(self) -> None:
@@ -212,7 +222,7 @@ class Daemon:
                            retry_in=f"{ERROR_BACKOFF:g}s", exc_info=not isinstance(exc, (CkptdError, OSError)))
             try:
                 self.ledger.note_event(ctx.watch.name, ctx.run, "failed", error=reason)
-            except Exception:
+            except Exception:  # the ledger itself may be what failed; already logged  # noqa: BLE001
                 pass
             state.next_check = time.monotonic() + ERROR_BACKOFF
         finally:
@@ -251,8 +261,6 @@ class Daemon:
         self.config = new
         configure_logging(new.log.format, new.log.level)
         self.log = get_logger()
-        if new.max_parallel_runs != self._pool._max_workers:
-            self._pool._max_workers = new.max_parallel_runs  # grows/shrinks on next submissions
         self._setup_watchers()
         self._rediscover = True
         self.log.info("config.reloaded", config=str(self.config_path), watches=len(new.watches))

@@ -6,6 +6,7 @@ not see writes from other hosts) run in polling mode; an inotify limit or error 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -58,13 +59,30 @@ class _Handler(FileSystemEventHandler):
             self._notify(Path(dest), True)  # a rename into place: the writer's commit signal
 
 
+class _OverflowDetector(logging.Handler):
+    """watchdog reports an inotify queue overflow only as a log record: turn it into a callback."""
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.on_overflow()
+
+
 class EventWatcher:
     """One watchdog observer for all event-mode watch roots."""
 
-    def __init__(self, notify: Callable[[Path, bool], None]) -> None:
+    def __init__(self, notify: Callable[[Path, bool], None], on_overflow: Callable[[], None] | None = None) -> None:
         self._observer: Any = Observer()
         self._handler = _Handler(notify)
         self._started = False
+        self._detector: _OverflowDetector | None = None
+        if on_overflow is not None:
+            self._detector = _OverflowDetector(on_overflow)
+            for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+                logging.getLogger(name).addHandler(self._detector)
 
     def add(self, root: Path) -> None:
         """Watch ``root`` recursively; raises OSError when the kernel refuses (inotify limits)."""
@@ -74,6 +92,9 @@ class EventWatcher:
         self._observer.schedule(self._handler, str(root), recursive=True)
 
     def stop(self) -> None:
+        if self._detector is not None:
+            for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+                logging.getLogger(name).removeHandler(self._detector)
         if self._started:
             self._observer.stop()
             self._observer.join(timeout=5)

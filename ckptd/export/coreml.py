@@ -71,7 +71,7 @@ def build_model(req: ExportRequest, weights: str) -> nn.Module:
     factory = import_factory(req.factory, req.python_path)
     try:
         model = factory(**req.factory_kwargs)
-    except Exception as exc:
+    except Exception as exc:  # user code: report whatever it raised  # noqa: BLE001
         raise ExportError(f"factory {req.factory}({req.factory_kwargs}) failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ExportError(f"factory {req.factory} returned {type(model).__name__}, not an nn.Module")
@@ -126,7 +126,7 @@ def capture(model: nn.Module, args: list[torch.Tensor], flexible: bool) -> tuple
         try:
             ep = torch.export.export(model, tuple(args))
             return ep.run_decompositions({}), "torch.export", ""
-        except Exception as exc:
+        except Exception as exc:  # any capture failure falls back to tracing  # noqa: BLE001
             why = f"torch.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     else:
         why = "flexible input shapes: traced"
@@ -134,7 +134,7 @@ def capture(model: nn.Module, args: list[torch.Tensor], flexible: bool) -> tuple
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(model, tuple(args), strict=False)
-    except Exception as exc:
+    except Exception as exc:  # tracing failed too: report it  # noqa: BLE001
         raise ExportError(f"graph capture failed: {why}; torch.jit.trace failed too: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
     return traced, "torch.jit.trace", why
@@ -197,7 +197,7 @@ def export_coreml(req: ExportRequest) -> ExportResult:
     with torch.no_grad():
         try:
             eager_out = model(*args)
-        except Exception as exc:
+        except Exception as exc:  # user model: a shape error etc.  # noqa: BLE001
             raise ExportError(f"the model fails on the configured inputs: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:300]}") from None
         captured, capture_path, why = capture(model, args, flexible)
@@ -223,7 +223,7 @@ def export_coreml(req: ExportRequest) -> ExportResult:
             )
             if req.compression != "none":
                 mlmodel = _compress(ct, mlmodel, req.compression)
-        except Exception as exc:
+        except Exception as exc:  # coremltools raises many types  # noqa: BLE001
             raise ExportError(f"coremltools conversion failed ({capture_path}): {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
     mlmodel.author = req.author or "ckptd"
@@ -305,7 +305,7 @@ def verify_package(req: ExportRequest, reference: nn.Module, gen: torch.Generato
         result["package_run"] = "ok" if worst <= tol else f"failed: max rel err {worst:.2e} > {tol:g}"
     except UnsupportedOps as exc:
         result["package_run"] = f"partial: the reference interpreter lacks {', '.join(exc.ops)}"
-    except Exception as exc:
+    except Exception as exc:  # interpreter trouble must not pass silently  # noqa: BLE001
         result["package_run"] = f"partial: interpreter error {type(exc).__name__}: {str(exc)[:200]}"
     if platform.system() == "Darwin":
         try:
@@ -316,7 +316,7 @@ def verify_package(req: ExportRequest, reference: nn.Module, gen: torch.Generato
             pred = mlmodel.predict(package_args)
             err = max(_rel_err(torch.as_tensor(np.asarray(pred[n])), r) for n, r in zip(out_names, ref))
             result["predict"] = "ok" if err <= tol else f"failed: max rel err {err:.2e} > {tol:g}"
-        except Exception as exc:
+        except Exception as exc:  # macOS predict failures are reported, not raised  # noqa: BLE001
             result["predict"] = f"failed: {type(exc).__name__}: {exc}"
     else:
         result["predict"] = "skipped: Core ML predict runs only on macOS"

@@ -40,7 +40,7 @@ def _np_dtype_is_half(var: Any) -> bool:
         from coremltools.converters.mil.mil import types
 
         return var.dtype == types.fp16
-    except Exception:
+    except Exception:  # a missing dtype just means not fp16  # noqa: BLE001
         return False
 
 

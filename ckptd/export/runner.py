@@ -26,6 +26,7 @@ VERSIONS_DIR = "coreml"
 _VERSION_RE = re.compile(r"^best-v(\d+)(?:-.*)?\.mlpackage$")
 _LIVE: set[subprocess.Popen[bytes]] = set()
 _LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
 
 
 def run_export(req: ExportRequest, timeout: float) -> ExportResult:
@@ -43,6 +44,8 @@ def run_export(req: ExportRequest, timeout: float) -> ExportResult:
                                     start_new_session=True)
         with _LIVE_LOCK:
             _LIVE.add(proc)
+        if _STOPPING.is_set():  # the daemon began stopping while this one was starting
+            _kill(proc)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -72,6 +75,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 def kill_running_exports() -> None:
     """On daemon shutdown: stop exports now (they are redone on restart; nothing partial was published)."""
+    _STOPPING.set()
     with _LIVE_LOCK:
         procs = list(_LIVE)
     for proc in procs:

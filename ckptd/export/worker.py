@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
         result = export_coreml(req)
     except ExportError as exc:
         result = ExportResult(status="failed", reason=str(exc), verification=getattr(exc, "verification", {}))
-    except Exception as exc:
+    except Exception as exc:  # report anything, with the traceback tail  # noqa: BLE001
         tb = traceback.format_exc().strip().splitlines()
         result = ExportResult(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500],
                               verification={"traceback_tail": tb[-6:]})
