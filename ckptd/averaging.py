@@ -171,7 +171,3 @@ def average_checkpoints(
         atomic_torch_save({k: torch.cat(v).reshape(ref[k].shape) if len(v) > 1 else v[0].reshape(ref[k].shape)
                            for k, v in parts.items()}, out)
     return result
-
-
-def chunk_count(numel: int, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> int:
-    return max(1, math.ceil(numel / chunk_elems))

@@ -67,7 +67,7 @@ class RunProcessor:
         self.exporter = exporter if ctx.policy.coreml.enabled else None
         self.hooks = hooks
         self.manifest_lock = threading.Lock()
-        self._reconciled = False
+        self.reconciled = False
 
     # --- helpers ------------------------------------------------------------------------------------------
     def members(self) -> list[MemberRow]:
@@ -180,7 +180,7 @@ class RunProcessor:
                 publish_average(out, kept, self.ctx.policy)
                 self.log.info("average.rebuilt", k=len(kept))
         self.write_manifest(kept)
-        self._reconciled = True
+        self.reconciled = True
         if self.export_outdated(kept):
             self.log.info("export.catch_up", reason="the published CoreML export does not match the current "
                           f"{self.ctx.policy.coreml.source}; exporting")
@@ -232,7 +232,7 @@ class RunProcessor:
         return outcome
 
     def _process(self, obs: Observation) -> str:
-        if not self._reconciled:
+        if not self.reconciled:
             self.reconcile()
         watch, run = self.ctx.watch.name, self.ctx.run
         row = self.ledger.find(watch, run, str(obs.path), obs.size, obs.mtime_ns)

@@ -209,7 +209,7 @@ class Daemon:
                     deadline = tracker.deadline(obs, settle)
                     when = deadline if deadline is not None else now + max(settle, 1.0)
                     next_check = when if next_check is None else min(next_check, when)
-            if not processor._reconciled:
+            if not processor.reconciled:
                 processor.reconcile()
             if not self._stop.is_set():
                 apply_retention(processor, time.time())
