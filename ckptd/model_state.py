@@ -56,7 +56,8 @@ class LoadReport:
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
-    def describe(self, limit: int = 10) -> str:
+    def describe(self, limit: int = 10, model: str = "model") -> str:
+        """Readable diff; ``model`` names the side the weights are compared against."""
         parts: list[str] = []
 
         def listing(title: str, items: list[str]) -> None:
@@ -64,9 +65,10 @@ class LoadReport:
                 more = f" … (+{len(items) - limit} more)" if len(items) > limit else ""
                 parts.append(f"{title} ({len(items)}): " + ", ".join(items[:limit]) + more)
 
-        listing("missing in checkpoint", self.missing)
+        listing("missing in checkpoint" if model == "model" else f"missing in checkpoint (present in {model})",
+                self.missing)
         listing("unexpected in checkpoint", self.unexpected)
-        listing("shape mismatch", [f"{k} model {list(m)} vs checkpoint {list(c)}" for k, m, c in self.mismatched])
+        listing("shape mismatch", [f"{k} {model} {list(m)} vs checkpoint {list(c)}" for k, m, c in self.mismatched])
         return "; ".join(parts) if parts else f"all {self.loaded} tensors matched"
 
 

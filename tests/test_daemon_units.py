@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -205,4 +206,81 @@ def test_missing_outputs_are_rebuilt_on_restart(tmp_path: Path, tiny) -> None:
         assert all(torch.equal(got[k], v) for k, v in tensors.items()), name
     assert all(torch.equal(load_file(member)[k], v) for k, v in member_before.items())
     assert json.loads((out / "manifest.json").read_text())["best"]["metric"] == 0.9
+    ledger.close()
+
+
+def _processor(tmp_path: Path, **policy: object) -> tuple[RunProcessor, Path, Ledger]:
+    cfg = parse_config(_config(tmp_path, **policy))
+    run_dir = tmp_path / "train" / "exp"
+    run_dir.mkdir(exist_ok=True)
+    ctx = RunContext(watch=cfg.watches[0], policy=cfg.policies["default"], run="exp", run_dir=run_dir,
+                     output=tmp_path / "out" / "w" / "exp")
+    ledger = Ledger(tmp_path / "state" / "ledger.sqlite3")
+    return RunProcessor(ctx, ledger, get_logger()), run_dir, ledger
+
+
+def _obs(path: Path) -> Observation:
+    st = path.stat()
+    return Observation(path, st.st_size, st.st_mtime_ns)
+
+
+def test_unranked_rewritten_refused_and_restart_cases(tmp_path: Path, tiny) -> None:
+    proc, run_dir, ledger = _processor(tmp_path)
+    # no metric: recorded as unranked, becomes "last", never ranked
+    torch.save({"model_state_dict": tiny(seed=1).state_dict(), "iterations": 5}, run_dir / "nometric.pt")
+    assert proc.process(_obs(run_dir / "nometric.pt")) == "unranked"
+    manifest = json.loads((proc.ctx.output / "manifest.json").read_text())
+    assert manifest["best"] is None and manifest["last"]["source"] == str(run_dir / "nometric.pt")
+    # Lightning-style last.ckpt rewritten in place with new content counts as a new checkpoint
+    last = run_dir / "last.ckpt"
+    torch.save({"model_state_dict": tiny(seed=2).state_dict(), "metric": 0.4, "iterations": 10}, last)
+    assert proc.process(_obs(last)) == "done"
+    first = _obs(last)
+    time.sleep(0.01)
+    torch.save({"model_state_dict": tiny(seed=3).state_dict(), "metric": 0.7, "iterations": 20}, last)
+    os.utime(last, ns=(first.mtime_ns + 10**7, first.mtime_ns + 10**7))
+    assert proc.process(_obs(last)) == "done"
+    members = proc.members()
+    assert [m.record.metric for m in members] == [0.7, 0.4] and len({m.record.sha256 for m in members}) == 2
+    # the same content again (a copy under another name) would double-weight the average: duplicate
+    (run_dir / "copy.ckpt").write_bytes(last.read_bytes())
+    assert proc.process(_obs(run_dir / "copy.ckpt")) == "duplicate"
+    # a different architecture is refused, not averaged
+    torch.save({"model_state_dict": tiny(width=4).state_dict(), "metric": 0.99}, run_dir / "other_arch.pt")
+    assert proc.process(_obs(run_dir / "other_arch.pt")) == "invalid"
+    row = ledger.find("w", "exp", str(run_dir / "other_arch.pt"), *_obs(run_dir / "other_arch.pt").signature)
+    assert row is not None and "architecture differs" in row.reason
+    assert "bn.bias members [8] vs checkpoint [4]" in row.reason
+    assert [m.record.metric for m in proc.members()] == [0.7, 0.4]
+    # a restart (new processor, same ledger) does not process anything twice
+    again = RunProcessor(proc.ctx, ledger, get_logger())
+    for name in ("nometric.pt", "last.ckpt", "copy.ckpt", "other_arch.pt"):
+        assert again.known(_obs(run_dir / name))
+    ledger.close()
+
+
+def test_folder_checkpoints_are_processed(tmp_path: Path, tiny) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    proc, run_dir, ledger = _processor(tmp_path)
+    sd = tiny(seed=4).state_dict()
+    dcp.save({"model": dict(sd), "metric": 0.5}, checkpoint_id=str(run_dir / "step_100"), no_dist=True)
+    hf = run_dir / "checkpoint-200"
+    hf.mkdir()
+    from ckptd.safetensors_io import save_safetensors
+
+    save_safetensors(hf / "model-00001-of-00001.safetensors", tiny(seed=5).state_dict())
+    (hf / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model-00001-of-00001.safetensors" for k in sd}}))
+    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 200, "log_history": [
+        {"step": 200, "eval_accuracy": 0.6}]}))
+    policy_sources = [{"checkpoint": "metric"}, {"trainer_state": "eval_accuracy"}]
+    cfg = parse_config(_config(tmp_path, metric={"mode": "max", "sources": policy_sources}))
+    proc2 = RunProcessor(RunContext(cfg.watches[0], cfg.policies["default"], "exp", run_dir, proc.ctx.output),
+                         ledger, get_logger())
+    found = {o.path.name: o for o in scan_run(run_dir, cfg.watches[0])}
+    assert set(found) == {"step_100", "checkpoint-200"} and all(o.is_dir for o in found.values())
+    assert proc2.process(found["step_100"]) == "done"
+    assert proc2.process(found["checkpoint-200"]) == "done"
+    assert [(m.record.metric, m.record.step) for m in proc2.members()] == [(0.6, 200), (0.5, 100)]
     ledger.close()

@@ -55,3 +55,25 @@ def test_copy_weights_and_load_from_path(tmp_path: Path, tiny) -> None:
     c = tiny(seed=3)
     load_model_weights(c, tmp_path / "l.ckpt")
     assert_same_state(c.state_dict(), a.state_dict())
+
+
+def test_distributed_data_parallel_is_seen_through(tmp_path: Path, tiny) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = tiny(seed=1)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert unwrap_model(ddp) is model
+        state = model_state_dict(ddp)
+        assert not any(k.startswith("module.") for k in state)
+        target = nn.parallel.DistributedDataParallel(tiny(seed=2))
+        copy_weights(ddp, target)
+        assert_same_state(target.module.state_dict(), model.state_dict())
+        # and a raw DDP state dict (module. prefix) saved by a trainer loads through the prefix stripping
+        torch.save(ddp.state_dict(), tmp_path / "ddp.pt")
+        fresh = tiny(seed=3)
+        load_model_weights(fresh, tmp_path / "ddp.pt")
+        assert_same_state(fresh.state_dict(), model.state_dict())
+    finally:
+        dist.destroy_process_group()

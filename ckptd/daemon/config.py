@@ -39,7 +39,8 @@ DEFAULT_METRIC_SOURCES = (
 )
 DEFAULT_STEP_SOURCES = (
     {"checkpoint": "iterations"}, {"checkpoint": "global_step"}, {"checkpoint": "step"},
-    {"filename": r"step[=_-]?(?P<step>[0-9]+)"},
+    {"trainer_state": "global_step"},
+    {"filename": r"(?:step|checkpoint)[=_-]?(?P<step>[0-9]+)"},
 )
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 TEMP_EXCLUDES = ("*.tmp", ".*", "tmp-*", "*.orbax-checkpoint-tmp-*", "*.partial", "*~")

@@ -313,7 +313,7 @@ class RunProcessor:
         except CkptdError:
             return ""
         report = compare_state(reference, weights)
-        return "" if report.ok else report.describe(limit=3)
+        return "" if report.ok else report.describe(limit=3, model="members")
 
     def _publish(self, obs: Observation, decision: Decision, record: Record, ckpt: Any,
                  old_members: list[MemberRow], metric_src: str) -> str:
