@@ -284,3 +284,16 @@ def test_folder_checkpoints_are_processed(tmp_path: Path, tiny) -> None:
     assert proc2.process(found["checkpoint-200"]) == "done"
     assert [(m.record.metric, m.record.step) for m in proc2.members()] == [(0.6, 200), (0.5, 100)]
     ledger.close()
+
+
+def test_outputs_inside_the_root_are_never_scanned(tmp_path: Path, tiny) -> None:
+    (tmp_path / "train").mkdir()
+    cfg = parse_config({"state_dir": str(tmp_path / "state"),
+                        "watches": [{"name": "w", "root": str(tmp_path / "train"), "runs": ".",
+                                     "output": str(tmp_path / "train/ckptd-out/{run}"), "allow_output_in_root": True}]})
+    watch = cfg.watches[0]
+    torch.save({"model_state_dict": tiny().state_dict()}, tmp_path / "train" / "a.pt")
+    (tmp_path / "train/ckptd-out/train").mkdir(parents=True)
+    torch.save({}, tmp_path / "train/ckptd-out/train/best.pt")
+    assert [o.path.name for o in scan_run(tmp_path / "train", watch)] == ["a.pt"]
+    assert list_runs(watch) == [tmp_path / "train"]

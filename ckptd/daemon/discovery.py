@@ -76,8 +76,10 @@ def observe_folder(path: Path, kind: str) -> Observation | None:
 
 
 def scan_run(run_dir: Path, watch: Watch) -> list[Observation]:
-    """Candidates under one run directory (files matching include, checkpoint folders), up to max_depth."""
+    """Candidates under one run directory (files matching include, checkpoint folders), up to max_depth.
+    The watch's own output root is never descended into (outputs inside a root need allow_output_in_root)."""
     found: list[Observation] = []
+    out_root = os.path.realpath(watch.output_root) if watch.output else None
 
     def walk(directory: Path, depth: int) -> None:
         try:
@@ -90,6 +92,8 @@ def scan_run(run_dir: Path, watch: Watch) -> list[Observation]:
             path = Path(entry.path)
             try:
                 if entry.is_dir(follow_symlinks=False):
+                    if out_root is not None and os.path.realpath(path) == out_root:
+                        continue
                     kind = checkpoint_folder_kind(path)
                     if kind is not None:
                         obs = observe_folder(path, kind)

@@ -68,6 +68,7 @@ class RunProcessor:
         self.hooks = hooks
         self.manifest_lock = threading.Lock()
         self.reconciled = False
+        self._final: set[tuple[str, int, int]] = set()  # identities known final: no ledger query per scan
 
     # --- helpers ------------------------------------------------------------------------------------------
     def members(self) -> list[MemberRow]:
@@ -218,8 +219,15 @@ class RunProcessor:
                                allow_globals=w.allow_globals)
 
     def known(self, obs: Observation) -> bool:
-        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, str(obs.path), obs.size, obs.mtime_ns)
-        return row is not None and row.status in FINAL_STATUSES
+        """Already processed to a final status (this content, at this path)?"""
+        identity = (str(obs.path), obs.size, obs.mtime_ns)
+        if identity in self._final:
+            return True
+        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, *identity)
+        if row is not None and row.status in FINAL_STATUSES:
+            self._final.add(identity)
+            return True
+        return False
 
     def process(self, obs: Observation) -> str:
         """Handle one ready candidate. Returns the outcome: a final status, 'incomplete' or 'retry'."""

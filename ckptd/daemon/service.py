@@ -135,7 +135,11 @@ class Daemon:
         seen: set[tuple[str, Path]] = set()
         for watch in self.config.watches:
             policy = self.config.policy_for(watch)
+            out_root = Path(os.path.realpath(watch.output_root))
             for run_dir in list_runs(watch):
+                real = Path(os.path.realpath(run_dir))
+                if real == out_root or out_root in real.parents:
+                    continue  # our own outputs (allow_output_in_root) are never a run
                 key = (watch.name, run_dir)
                 seen.add(key)
                 state = self.runs.get(key)
