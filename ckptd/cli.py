@@ -212,10 +212,19 @@ def _human(n: float) -> str:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from ckptd.progress import Progress
     from ckptd.weights import extract_weights
 
+    bars: dict[str, Progress] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        bars.setdefault(phase, Progress(f"extract: {phase}"))(done, total)
+
     ckpt = extract_weights(args.checkpoint, args.output, key=args.key, prefer_ema=args.ema,
-                           strip_prefixes=_strip(args), dtype=_dtype(args.dtype), allow_globals=args.allow_global)
+                           strip_prefixes=_strip(args), dtype=_dtype(args.dtype), allow_globals=args.allow_global,
+                           progress=progress)
+    for bar in bars.values():
+        bar.finish()
     print(f"wrote {args.output}: {len(ckpt.weights)} tensors from '{ckpt.key or '.'}' ({ckpt.layout})")
     return EXIT_OK
 

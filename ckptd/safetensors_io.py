@@ -13,7 +13,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -107,13 +107,18 @@ class SafetensorsStreamWriter:
 
 
 def save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
-                     metadata: Mapping[str, str] | None = None) -> None:
+                     metadata: Mapping[str, str] | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> None:
     """Atomically write a state dict as safetensors, one tensor at a time."""
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    total, done = sum(s.nbytes for s in specs), 0
     with atomic_open(path, "wb") as fh:
         writer = SafetensorsStreamWriter(fh, specs, metadata)
-        for k, v in tensors.items():
+        for spec, (k, v) in zip(specs, tensors.items()):
             writer.write(k, v)
+            done += spec.nbytes
+            if progress is not None:
+                progress(done, total)
         writer.close()
 
 

@@ -8,7 +8,7 @@ bytes they touch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,17 +90,21 @@ def _load_hf_sharded(directory: Path, allow_globals: Sequence[str | Any], map_lo
     return merged
 
 
-def file_sha256(path: str | Path, chunk: int = 8 << 20) -> str:
+def file_sha256(path: str | Path, chunk: int = 8 << 20, progress: Callable[[int, int], None] | None = None) -> str:
     """sha256 of a file, or of a folder (sorted relative names and their contents)."""
     p = Path(path)
     h = hashlib.sha256()
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    total, done = sum(f.stat().st_size for f in files), 0
     for f in files:
         if f is not p:
             h.update(str(f.relative_to(p)).encode() + b"\0")
         with open(f, "rb") as fh:
             while block := fh.read(chunk):
                 h.update(block)
+                done += len(block)
+                if progress is not None:
+                    progress(done, total)
     return h.hexdigest()
 
 
@@ -129,12 +133,13 @@ def cast_floating(weights: Mapping[str, torch.Tensor], dtype: torch.dtype | None
 
 
 def write_weights(path: str | Path, weights: Mapping[str, torch.Tensor], *,
-                  metadata: Mapping[str, str] | None = None, fmt: str | None = None) -> Path:
+                  metadata: Mapping[str, str] | None = None, fmt: str | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
     """Atomically write model-only weights as safetensors (default) or a ``.pt`` torch file."""
     p = Path(path)
     fmt = fmt or ("pt" if p.suffix in (".pt", ".pth", ".bin", ".ckpt") else "safetensors")
     if fmt == "safetensors":
-        save_safetensors(p, weights, metadata)
+        save_safetensors(p, weights, metadata, progress=progress)
     elif fmt == "pt":
         atomic_torch_save({k: v.detach().contiguous().clone() for k, v in weights.items()}, p)
     else:
@@ -145,12 +150,15 @@ def write_weights(path: str | Path, weights: Mapping[str, torch.Tensor], *,
 def extract_weights(source: str | Path, output: str | Path, *, key: str = "auto", prefer_ema: bool = False,
                     strip_prefixes: Sequence[str] = DEFAULT_STRIP_PREFIXES, dtype: torch.dtype | None = None,
                     allow_globals: Sequence[str | Any] = (), metric: float | None = None, step: int | None = None,
-                    hash_source: bool = True) -> Checkpoint:
-    """Write the model-only weights of ``source`` to ``output`` with provenance metadata."""
+                    hash_source: bool = True, progress: Callable[[str, int, int], None] | None = None) -> Checkpoint:
+    """Write the model-only weights of ``source`` to ``output`` with provenance metadata.
+    ``progress(phase, done, total)`` is called while hashing and writing."""
     ckpt = open_checkpoint(source, key=key, prefer_ema=prefer_ema, strip_prefixes=strip_prefixes,
                            allow_globals=allow_globals)
-    sha = file_sha256(source) if hash_source else None
+    hashing = (lambda d, t: progress("hashing", d, t)) if progress else None
+    writing = (lambda d, t: progress("writing", d, t)) if progress else None
+    sha = file_sha256(source, progress=hashing) if hash_source else None
     md = provenance_metadata(Path(source).resolve(), sha256=sha, metric=metric, step=step,
                              extra={"layout": ckpt.layout, "key": ckpt.key or "."})
-    write_weights(output, cast_floating(ckpt.weights, dtype), metadata=md)
+    write_weights(output, cast_floating(ckpt.weights, dtype), metadata=md, progress=writing)
     return ckpt
