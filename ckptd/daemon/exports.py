@@ -136,9 +136,6 @@ class ExportScheduler:
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if result.status == "ok" or (result.status == "partial" and policy.publish_partial):
-            if self.stopping:
-                cleanup_staging(ctx.output)
-                return
             version = publish_package(Path(request.output), ctx.output, label=f"{job.sha256[:12]}", keep=policy.keep)
             block.update({"status": result.status, "path": "best.mlpackage",
                           "version": str(version.relative_to(ctx.output))})
@@ -152,12 +149,9 @@ class ExportScheduler:
             return
         cleanup_staging(ctx.output)
         reason = result.reason or f"verification {result.status}: {result.verification.get('package_run', '')}"
-        block.update({"status": "failed", "reason": reason,
-                      "path": previous.get("path") if previous.get("status") in ("ok", "partial") or
-                      previous.get("last_ok") else None,
-                      "last_ok": previous.get("last_ok") or ({k: previous.get(k) for k in
-                                                              ("source", "metric", "step", "version")}
-                                                             if previous.get("status") in ("ok", "partial") else None)})
+        last_ok = _last_ok(previous)
+        block.update({"status": "failed", "reason": reason, "last_ok": last_ok,
+                      "path": "best.mlpackage" if last_ok else None})
         self.ledger.export_finished(export_id, "failed", reason=reason, capture=result.capture,
                                     verification=_json(result.verification))
         log.error("export.failed", action="keep previous", reason=reason)
@@ -180,6 +174,13 @@ class ExportScheduler:
             self._pending.clear()
         kill_running_exports()
         self._pool.shutdown(wait=True)
+
+
+def _last_ok(previous: dict[str, Any]) -> dict[str, Any] | None:
+    """What best.mlpackage still holds after a failure: the previous published export, if any."""
+    if previous.get("status") in ("ok", "partial"):
+        return {k: previous.get(k) for k in ("source", "sha256", "metric", "step", "version")}
+    return previous.get("last_ok")
 
 
 def _snapshot_average(job: ExportJob) -> tuple[ExportJob, Path]:

@@ -59,7 +59,6 @@ class Daemon:
         self._wake = threading.Event()
         self._reload = False
         self._rediscover = True
-        self._lock = threading.Lock()
         # threads are created on demand; _schedule() enforces max_parallel_runs (which a reload may change)
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="ckptd-run")
         self._futures: set[Future[Any]] = set()
