@@ -8,6 +8,7 @@ bytes they touch.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +82,6 @@ def _load_hf_sharded(directory: Path, allow_globals: Sequence[str | Any], map_lo
             merged[name] = tensor
     index = hf_index_file(directory)
     assert index is not None
-    import json
-
     expected = set(json.loads(index.read_text())["weight_map"])
     missing = expected - set(merged)
     if missing:
