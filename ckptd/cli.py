@@ -233,32 +233,34 @@ def cmd_average(args: argparse.Namespace) -> int:
     from ckptd.averaging import average_checkpoints
     from ckptd.progress import Progress
     from ckptd.selection import select_top_k
-    from ckptd.weights import provenance_metadata
+    from ckptd.weights import open_checkpoint, provenance_metadata
 
-    paths = list(args.checkpoints)
-    reference = 0
+    if (args.top_k is not None or args.metric) and not args.metric:
+        print("ckptd average: --top-k needs --metric", file=sys.stderr)
+        return EXIT_USAGE
+    if args.top_k is not None and args.top_k < 1:
+        print("ckptd average: --top-k must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    # each file is opened (mapped) once: the metric is read from the same object the average then streams
+    ckpts = [open_checkpoint(p, key=args.key, prefer_ema=args.ema, strip_prefixes=_strip(args),
+                             allow_globals=args.allow_global) for p in args.checkpoints]
     chosen_desc = ""
-    if args.top_k is not None or args.metric:
-        if not args.metric:
-            print("ckptd average: --top-k needs --metric", file=sys.stderr)
-            return EXIT_USAGE
-        if args.top_k is not None and args.top_k < 1:
-            print("ckptd average: --top-k must be >= 1", file=sys.stderr)
-            return EXIT_USAGE
-        ranked = select_top_k(paths, args.metric, args.top_k or len(paths), args.mode)
-        paths = [c.path for c in ranked]
+    if args.metric:
+        ranked = select_top_k(ckpts, args.metric, args.top_k or len(ckpts), args.mode)
+        by_path = {str(c.path): c for c in ckpts}
+        ckpts = [by_path[c.path] for c in ranked]
         chosen_desc = ", ".join(f"{Path(c.path).name} ({c.metric:g})" for c in ranked)
-    progress = Progress(f"averaging {len(paths)} checkpoints")
-    md = provenance_metadata(extra={"averaged_from": json.dumps([str(Path(p).resolve()) for p in paths]),
-                                    "reference": str(Path(paths[reference]).resolve())})
-    result = average_checkpoints(paths, args.output, reference=reference, dtype=_dtype(args.dtype), key=args.key,
-                                 prefer_ema=args.ema, strip_prefixes=_strip(args), allow_globals=args.allow_global,
+    reference = 0
+    progress = Progress(f"averaging {len(ckpts)} checkpoints")
+    md = provenance_metadata(extra={"averaged_from": json.dumps([str(c.path.resolve()) for c in ckpts]),
+                                    "reference": str(ckpts[reference].path.resolve())})
+    result = average_checkpoints(ckpts, args.output, reference=reference, dtype=_dtype(args.dtype),
                                  metadata=md, progress=progress)
     progress.finish()
-    print(f"wrote {args.output}: mean of {len(paths)} checkpoints ({result.averaged} tensors averaged, "
+    print(f"wrote {args.output}: mean of {len(ckpts)} checkpoints ({result.averaged} tensors averaged, "
           f"{result.copied} integer/bool buffers taken from {Path(result.reference).name})")
     if chosen_desc:
-        print(f"  top-{len(paths)} by {args.metric[0]} ({args.mode}): {chosen_desc}")
+        print(f"  top-{len(ckpts)} by {args.metric[0]} ({args.mode}): {chosen_desc}")
     return EXIT_OK
 
 

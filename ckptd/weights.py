@@ -50,23 +50,28 @@ def open_checkpoint(
 ) -> Checkpoint:
     """Load ``path`` safely and locate its model weights. Raises :class:`CheckpointError` subclasses."""
     p = Path(path)
-    fmt = detect_format(p)
-    metadata: dict[str, str] = {}
-    if fmt in (CheckpointFormat.TORCH_ZIP, CheckpointFormat.TORCH_LEGACY):
-        obj = load_torch(p, allow_globals=allow_globals, map_location=map_location)
-    elif fmt is CheckpointFormat.SAFETENSORS:
-        mapped = open_safetensors(p)
-        obj, metadata = mapped.tensors, mapped.metadata
-    elif fmt is CheckpointFormat.HF_SHARDED:
-        obj = _load_hf_sharded(p, allow_globals, map_location)
-    else:
-        obj = load_dcp(p)
+    fmt, obj, metadata = load_object(p, allow_globals=allow_globals, map_location=map_location)
     try:
         found = find_model_weights(obj, key=key, prefer_ema=prefer_ema, strip=strip_prefixes)
     except LookupError as exc:
         raise WeightsNotFoundError(p, str(exc)) from None
     return Checkpoint(path=p, format=fmt, obj=obj, weights=found.state, key=found.key, layout=found.layout,
                       stripped=found.stripped, metadata=metadata)
+
+
+def load_object(path: str | Path, *, allow_globals: Sequence[str | Any] = (),
+                map_location: Any = "cpu") -> tuple[CheckpointFormat, Any, dict[str, str]]:
+    """(format, the whole loaded object, safetensors metadata) for any supported checkpoint, loaded safely."""
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt in (CheckpointFormat.TORCH_ZIP, CheckpointFormat.TORCH_LEGACY):
+        return fmt, load_torch(p, allow_globals=allow_globals, map_location=map_location), {}
+    if fmt is CheckpointFormat.SAFETENSORS:
+        mapped = open_safetensors(p)
+        return fmt, mapped.tensors, mapped.metadata
+    if fmt is CheckpointFormat.HF_SHARDED:
+        return fmt, _load_hf_sharded(p, allow_globals, map_location), {}
+    return fmt, load_dcp(p), {}
 
 
 def _load_hf_sharded(directory: Path, allow_globals: Sequence[str | Any], map_location: Any) -> dict[str, Any]:
