@@ -86,6 +86,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def collect_status(config: Any) -> list[dict[str, Any]]:
     """Per-run status from the ledger (read-only; safe while the daemon runs)."""
     from ckptd.daemon.ledger import Ledger
+    from ckptd.daemon.policy import Record, ranked
     from ckptd.daemon.service import LEDGER_NAME
 
     db_path = config.state_dir / LEDGER_NAME
@@ -98,9 +99,12 @@ def collect_status(config: Any) -> list[dict[str, Any]]:
         for r in runs:
             watch = next((w for w in config.watches if w.name == r["watch"]), None)
             mode = config.policy_for(watch).metric.mode if watch else "max"
-            members = db.execute("SELECT source, metric, step, sha256, file FROM members WHERE watch=? AND run=? "
-                                 f"ORDER BY metric {'DESC' if mode == 'max' else 'ASC'}, step DESC",
-                                 (r["watch"], r["run"])).fetchall()
+            rows = db.execute("SELECT checkpoint_id, source, sha256, metric, step, mtime, file FROM members "
+                              "WHERE watch=? AND run=?", (r["watch"], r["run"])).fetchall()
+            files = {row["checkpoint_id"]: row["file"] for row in rows}
+            members = [{"source": m.path, "metric": m.metric, "step": m.step, "sha256": m.sha256,
+                        "file": files[m.ckpt_id]}
+                       for m in ranked([Record(*tuple(row)[:6]) for row in rows], mode)]
             counts = dict(db.execute("SELECT status, COUNT(*) FROM checkpoints WHERE watch=? AND run=? GROUP BY status",
                                      (r["watch"], r["run"])).fetchall())
             export = db.execute("SELECT status, reason, source, metric, finished_at FROM exports "
@@ -109,8 +113,8 @@ def collect_status(config: Any) -> list[dict[str, Any]]:
             out.append({
                 "watch": r["watch"], "run": r["run"], "run_dir": r["run_dir"], "output": r["output"],
                 "mode": mode,
-                "best": dict(members[0]) if members else None,
-                "members": [dict(m) for m in members],
+                "best": members[0] if members else None,
+                "members": members,
                 "checkpoints": counts,
                 "last_event": r["last_event"], "last_event_at": r["last_event_at"],
                 "last_error": r["last_error"], "last_error_at": r["last_error_at"],

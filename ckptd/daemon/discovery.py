@@ -75,6 +75,18 @@ def observe_folder(path: Path, kind: str) -> Observation | None:
     return Observation(path=path, size=size, mtime_ns=newest, is_dir=True, commit_ok=commit_ok)
 
 
+def observe(path: Path, is_dir: bool) -> Observation | None:
+    """Observe one known candidate again (None when it vanished): the same view a scan gives."""
+    try:
+        if is_dir:
+            kind = checkpoint_folder_kind(path)
+            return observe_folder(path, kind) if kind else None
+        st = os.stat(path)
+        return Observation(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
+    except OSError:
+        return None
+
+
 def scan_run(run_dir: Path, watch: Watch) -> list[Observation]:
     """Candidates under one run directory (files matching include, checkpoint folders), up to max_depth.
     The watch's own output root is never descended into (outputs inside a root need allow_output_in_root)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,6 @@ class ExportScheduler:
         self._lock = threading.Lock()
         self._running: set[tuple[str, str]] = set()
         self._pending: dict[tuple[str, str], ExportJob] = {}
-        self._futures: set[Future[Any]] = set()
         self.stopping = False
 
     def request_for_member(self, processor: Any, member: MemberRow) -> None:
@@ -82,9 +81,7 @@ class ExportScheduler:
                                      + (f" (replaces {replaced.source})" if replaced else ""))
                 return
             self._running.add(key)
-        future = self._pool.submit(self._run, key, job)
-        self._futures.add(future)
-        future.add_done_callback(self._futures.discard)
+        self._pool.submit(self._run, key, job)
 
     def _run(self, key: tuple[str, str], job: ExportJob | None) -> None:
         while job is not None:

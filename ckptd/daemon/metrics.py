@@ -6,14 +6,12 @@ small fixed sets (actions, outcomes, reason categories): never paths, steps or m
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server, write_to_textfile
 
 from ckptd import __version__
-from ckptd.atomic import temp_path_for
 
 
 def rejection_reason(reason: str) -> str:
@@ -63,9 +61,7 @@ class Metrics:
         if not self.textfile or (not force and time.monotonic() - self._last_textfile < 5):
             return
         self._last_textfile = time.monotonic()
-        tmp = temp_path_for(self.textfile)
-        write_to_textfile(str(tmp), self.registry)
-        os.replace(tmp, self.textfile)
+        write_to_textfile(self.textfile, self.registry)  # writes a temp file beside it, then os.replace
 
     def close(self) -> None:
         self.flush(force=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 from ckptd.atomic import cleanup_stale_temps
 from ckptd.daemon.config import Policy, Watch
-from ckptd.daemon.discovery import Observation, checkpoint_folder_kind, observe_folder
+from ckptd.daemon.discovery import Observation, observe
 from ckptd.daemon.ledger import FINAL_STATUSES, Ledger, MemberRow
 from ckptd.daemon.metrics import Metrics, rejection_reason
 from ckptd.daemon.outputs import (
@@ -57,13 +56,12 @@ class RunContext:
 class RunProcessor:
     """Processes one run's candidates, one at a time (the daemon never runs two jobs of one run at once)."""
 
-    def __init__(self, ctx: RunContext, ledger: Ledger, log: Any, stop: threading.Event | None = None,
-                 exporter: Any = None, hooks: Any = None, metrics: Metrics | None = None) -> None:
+    def __init__(self, ctx: RunContext, ledger: Ledger, log: Any, *, exporter: Any = None, hooks: Any = None,
+                 metrics: Metrics | None = None) -> None:
         self.ctx = ctx
         self.metrics = metrics or Metrics()
         self.ledger = ledger
         self.log = log.bind(watch=ctx.watch.name, run=ctx.run)
-        self.stop = stop or threading.Event()
         self.exporter = exporter if ctx.policy.coreml.enabled else None
         self.hooks = hooks
         self.manifest_lock = threading.Lock()
@@ -381,12 +379,9 @@ def apply_retention(processor: RunProcessor, now: float) -> int:
     by_path = {(r.path, r.size, r.mtime_ns): r for r in rows}
     for item, reason in select_prunable(known, sources, policy.keep_last, policy.min_age, now):
         path = Path(item.path)
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        if (st.st_size, st.st_mtime_ns) != (item.size, item.mtime_ns) or not path.is_file():
-            continue  # changed since it was processed: not the file the ledger knows
+        now_seen = observe(path, is_dir=False)
+        if now_seen is None or now_seen.signature != (item.size, item.mtime_ns) or not path.is_file():
+            continue  # changed or gone since it was processed: not the file the ledger knows
         if policy.dry_run:
             processor.log.info("retention.would_delete", checkpoint=str(path), action="dry-run", reason=reason)
             continue
@@ -408,12 +403,5 @@ def average_signature(members: list[MemberRow]) -> str:
 
 def _unchanged(obs: Observation) -> bool:
     """Is the candidate still exactly what the scan saw (not rewritten, not deleted)?"""
-    try:
-        if obs.is_dir:
-            kind = checkpoint_folder_kind(obs.path)
-            now = observe_folder(obs.path, kind) if kind else None
-            return now is not None and now.signature == obs.signature
-        st = os.stat(obs.path)
-        return (st.st_size, st.st_mtime_ns) == obs.signature
-    except OSError:
-        return False
+    now = observe(obs.path, obs.is_dir)
+    return now is not None and now.signature == obs.signature

@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,6 @@ class Daemon:
         self._rediscover = True
         # threads are created on demand; _schedule() enforces max_parallel_runs (which a reload may change)
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="ckptd-run")
-        self._futures: set[Future[Any]] = set()
         self._watcher: EventWatcher | None = None
         self._poll_watches: set[str] = set()
         self._last_action = "starting"
@@ -154,7 +153,7 @@ class Daemon:
                     continue
                 ctx = RunContext(watch=watch, policy=policy, run=name, run_dir=run_dir, output=output)
                 self.ledger.touch_run(watch.name, name, str(run_dir), str(output))
-                processor = RunProcessor(ctx, self.ledger, self.log, self._stop, exporter=self.exports,
+                processor = RunProcessor(ctx, self.ledger, self.log, exporter=self.exports,
                                          hooks=self.hooks, metrics=self.metrics)
                 self.runs[key] = RunState(ctx=ctx, processor=processor,
                                           tracker=state.tracker if state else ReadinessTracker())
@@ -170,20 +169,18 @@ class Daemon:
             return False
         if state.dirty or (state.next_check is not None and now >= state.next_check):
             return True
-        interval = state.ctx.watch.poll_interval if state.ctx.watch.name in self._poll_watches \
-            else self.config.rescan_interval
-        return now - state.last_scan >= interval
+        return now - state.last_scan >= self._scan_interval(state)
+
+    def _scan_interval(self, state: RunState) -> float:
+        """Polled watches scan every poll_interval; event watches only need the safety re-scan."""
+        if state.ctx.watch.name in self._poll_watches:
+            return state.ctx.watch.poll_interval
+        return self.config.rescan_interval
 
     def _submit(self, state: RunState) -> None:
         state.running, state.dirty, state.next_check = True, False, None
         state.last_scan = time.monotonic()
-        future = self._pool.submit(self._job, state)
-        self._futures.add(future)
-        future.add_done_callback(self._job_done)
-
-    def _job_done(self, future: Future[Any]) -> None:
-        self._futures.discard(future)
-        self._wake.set()
+        self._pool.submit(self._job, state).add_done_callback(lambda _future: self._wake.set())
 
     def _job(self, state: RunState) -> None:
         ctx, processor, tracker = state.ctx, state.processor, state.tracker
@@ -325,9 +322,7 @@ class Daemon:
                 deadlines.append(s.next_check)
             if s.dirty:
                 deadlines.append(s.last_scan + MIN_JOB_INTERVAL)
-            interval = s.ctx.watch.poll_interval if s.ctx.watch.name in self._poll_watches \
-                else self.config.rescan_interval
-            deadlines.append(s.last_scan + interval)
+            deadlines.append(s.last_scan + self._scan_interval(s))
         if self.notifier.watchdog_interval:
             deadlines.append(now + self.notifier.watchdog_interval)
         return min(max(min(deadlines) - now, 0.02), 60.0)
