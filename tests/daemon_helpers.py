@@ -110,3 +110,18 @@ def mean_of(paths: list[Path], key: str = "model_state_dict") -> dict[str, torch
     for k, v in states[0].items():
         out[k] = (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
     return out
+
+
+def make_run(tmp_path: Path, name: str = "exp") -> Path:
+    """A run directory under the test config's watch root (``write_config`` watches ``tmp_path/train``)."""
+    run = tmp_path / "train" / name
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def run_trainer(run_dir: Path, epochs: int, *extra: str) -> list[dict[str, Any]]:
+    """The real tiny training run (tests/trainer_script.py) in a subprocess; one record per checkpoint."""
+    script = Path(__file__).resolve().parent / "trainer_script.py"
+    done = subprocess.run([PYTHON, str(script), str(run_dir), str(epochs), *extra], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120, check=True)
+    return [json.loads(line) for line in done.stdout.splitlines()]

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from ckptd.examples import TinyConvNet
-from tests.conftest import PYTHON, REPO, subprocess_env
-from tests.daemon_helpers import DaemonProcess, atomic_save, mean_of, write_config
+from tests.conftest import PYTHON, subprocess_env
+from tests.daemon_helpers import DaemonProcess, atomic_save, make_run, mean_of, run_trainer, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +42,7 @@ def test_training_run_watched_end_to_end(tmp_path: Path) -> None:
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         run_dir = tmp_path / "train" / "exp1"
-        trainer = subprocess.run([PYTHON, str(REPO / "tests/trainer_script.py"), str(run_dir), "6"],
-                                 capture_output=True, text=True, env=subprocess_env(), timeout=120, check=True)
-        saved = [json.loads(line) for line in trainer.stdout.splitlines()]
+        saved = run_trainer(run_dir, 6)
         for item in saved:
             daemon.wait_for(daemon.processed(item["path"]), 30, item["path"])
         top = sorted(saved, key=lambda s: (-s["metric"], -s["epoch"]))[:3]
@@ -70,8 +68,7 @@ def test_training_run_watched_end_to_end(tmp_path: Path) -> None:
 
 def test_bad_files_are_reported_once_and_daemon_keeps_going(tmp_path: Path, tiny) -> None:
     config = write_config(tmp_path)
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         good = run / "good.pt"
@@ -115,8 +112,7 @@ def test_bad_files_are_reported_once_and_daemon_keeps_going(tmp_path: Path, tiny
 
 def test_slow_in_place_writer_is_read_once_when_done(tmp_path: Path, tiny) -> None:
     config = write_config(tmp_path)  # settle 1s
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         src = tmp_path / "src.pt"
@@ -143,10 +139,7 @@ def test_trainer_deleting_its_files_and_ledger_rebuild(tmp_path: Path) -> None:
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     run_dir = tmp_path / "train" / "exp"
     try:
-        trainer = subprocess.run([PYTHON, str(REPO / "tests/trainer_script.py"), str(run_dir), "7",
-                                  "--delete-non-topk", "2"], capture_output=True, text=True, env=subprocess_env(),
-                                 timeout=120, check=True)
-        saved = [json.loads(line) for line in trainer.stdout.splitlines()]
+        saved = run_trainer(run_dir, 7, "--delete-non-topk", "2")
         last = saved[-1]["path"]
         daemon.wait_for(daemon.processed(last), 30, "last checkpoint")
     finally:
@@ -173,8 +166,7 @@ def test_trainer_deleting_its_files_and_ledger_rebuild(tmp_path: Path) -> None:
 
 def test_kill_9_mid_update_then_restart(tmp_path: Path, tiny) -> None:
     config = write_config(tmp_path, policy={"average": {"top_k": 4}})
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     # big enough that averaging takes a moment, so the kill lands mid-work
     def big_model(seed: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
@@ -211,8 +203,7 @@ def test_kill_9_mid_update_then_restart(tmp_path: Path, tiny) -> None:
 
 def test_sighup_with_broken_config_keeps_old_one(tmp_path: Path, tiny) -> None:
     config = write_config(tmp_path)
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         good_text = config.read_text()
@@ -234,8 +225,7 @@ def test_sighup_with_broken_config_keeps_old_one(tmp_path: Path, tiny) -> None:
 def test_polling_mode_watch(tmp_path: Path, tiny) -> None:
     config = write_config(tmp_path, watch={"mode": "poll", "poll_interval": "0.5s", "settle": "0.5s"},
                           extra={"rescan_interval": "1h"})
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         assert not any(e["event"] == "watch.events" for e in daemon.events())

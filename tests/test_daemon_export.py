@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ckptd.examples import TinyConvNet
-from tests.daemon_helpers import DaemonProcess, atomic_save, write_config
+from tests.daemon_helpers import DaemonProcess, atomic_save, make_run, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,7 @@ def _save(path: Path, seed: int, metric: float) -> None:
 
 def test_new_bests_publish_verified_versions_never_partial(tmp_path: Path) -> None:
     config = write_config(tmp_path, policy={"export": {"coreml": COREML}})
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     out = tmp_path / "out/w/exp"
     link = out / "best.mlpackage"
     seen: list[str] = []
@@ -80,8 +79,7 @@ def test_new_bests_publish_verified_versions_never_partial(tmp_path: Path) -> No
 def test_failed_export_keeps_outputs_and_reports_once(tmp_path: Path) -> None:
     coreml = {**COREML, "factory": "no_such_module:build"}
     config = write_config(tmp_path, policy={"export": {"coreml": coreml}})
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         _save(run / "a.pt", 1, 0.5)
@@ -103,8 +101,7 @@ def test_burst_of_new_bests_exports_only_the_newest_next(tmp_path: Path) -> None
     coreml = {**COREML, "factory": "tests.export_models:build_slow", "factory_kwargs": {"seconds": 2},
               "python_path": [str(Path(__file__).resolve().parent.parent)]}
     config = write_config(tmp_path, policy={"export": {"coreml": coreml}, "average": {"top_k": 5}})
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         _save(run / "c1.pt", 1, 0.5)

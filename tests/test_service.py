@@ -18,7 +18,7 @@ import torch
 
 from ckptd.examples import TinyConvNet
 from tests.conftest import PYTHON, REPO, subprocess_env
-from tests.daemon_helpers import DaemonProcess, atomic_save, write_config
+from tests.daemon_helpers import DaemonProcess, atomic_save, make_run, write_config
 
 SECURITY_THRESHOLD = 2.0  # README states it: `systemd-analyze security` exposure must stay at or below this
 
@@ -118,8 +118,7 @@ def test_metrics_endpoint_and_textfile(tmp_path: Path) -> None:
     textfile = tmp_path / "textfile" / "ckptd.prom"
     textfile.parent.mkdir()
     config = write_config(tmp_path, extra={"metrics": {"listen": f"127.0.0.1:{port}", "textfile": str(textfile)}})
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         atomic_save({"model_state_dict": TinyConvNet().state_dict(), "metric": 0.5}, run / "good.pt")
@@ -154,8 +153,7 @@ def test_hooks_get_the_event_and_failures_do_not_stop_the_pipeline(tmp_path: Pat
     hooks = {"on_new_best": [[PYTHON, "-c", script], [PYTHON, "-c", "import sys; print('boom'); sys.exit(3)"]],
              "on_average": [[PYTHON, "-c", "import time; time.sleep(5)"]], "timeout": "1s"}
     config = write_config(tmp_path, policy={"hooks": hooks})
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     for i, metric in enumerate((0.2, 0.4)):
         torch.manual_seed(i)
         torch.save({"model_state_dict": TinyConvNet().state_dict(), "metric": metric, "iterations": i},
@@ -178,8 +176,7 @@ def test_hooks_get_the_event_and_failures_do_not_stop_the_pipeline(tmp_path: Pat
 def test_retention_prunes_only_what_policy_allows(tmp_path: Path, dry_run: bool) -> None:
     retention = {"enabled": True, "keep_last": 1, "min_age": "0s", "dry_run": dry_run}
     config = write_config(tmp_path, policy={"retention": retention, "average": {"top_k": 2}})
-    run = tmp_path / "train" / "exp"
-    run.mkdir(parents=True)
+    run = make_run(tmp_path)
     metrics = [0.9, 0.1, 0.8, 0.2, 0.3]
     for i, metric in enumerate(metrics):
         torch.manual_seed(i)

@@ -61,10 +61,7 @@ class OutputAdapter(nn.Module):
         out = self.model(*args)
         if isinstance(out, dict):
             self.keys = list(out)
-            return tuple(out[k] for k in out)
-        if isinstance(out, (tuple, list)):
-            return tuple(out)
-        return (out,)
+        return _as_tuple(out)
 
 
 def build_model(req: ExportRequest, weights: str) -> nn.Module:
