@@ -165,7 +165,7 @@ def _strip(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ckptd.metrics import metric_candidates
+    from ckptd.metric_sources import metric_candidates
     from ckptd.weights import open_checkpoint
 
     path = Path(args.checkpoint)

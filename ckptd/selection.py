@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.errors import MetricError
-from ckptd.metrics import ValueSource, first_value, parse_source
+from ckptd.metric_sources import ValueSource, first_value, parse_source
 from ckptd.ranking import Candidate, top_k
 from ckptd.weights import Checkpoint, load_object
 

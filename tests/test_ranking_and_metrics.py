@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckptd.errors import MetricError
-from ckptd.metrics import first_value, parse_source, read_source
+from ckptd.metric_sources import first_value, parse_source, read_source
 from ckptd.ranking import Candidate, is_better, newest, rank, top_k
 
 

@@ -30,7 +30,7 @@ from ckptd.daemon.config_checks import (
     check_str_list,
 )
 from ckptd.errors import ConfigError
-from ckptd.metrics import ValueSource, parse_source
+from ckptd.metric_sources import ValueSource, parse_source
 from ckptd.units import parse_duration
 
 DEFAULT_METRIC_SOURCES = (

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckptd.errors import MetricError
-from ckptd.metrics import ValueSource, parse_source
+from ckptd.metric_sources import ValueSource, parse_source
 
 
 class Problems:

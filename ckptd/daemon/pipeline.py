@@ -19,7 +19,7 @@ from ckptd.atomic import cleanup_stale_temps
 from ckptd.daemon.config import Policy, Watch
 from ckptd.daemon.discovery import Observation, observe
 from ckptd.daemon.ledger import FINAL_STATUSES, Ledger, MemberRow
-from ckptd.daemon.metrics import Metrics, rejection_reason
+from ckptd.daemon.telemetry import Metrics, rejection_reason
 from ckptd.daemon.outputs import (
     AVERAGE,
     BEST,
@@ -38,7 +38,7 @@ from ckptd.daemon.retention import Known, select_prunable
 from ckptd.errors import CheckpointError, CkptdError, IncompleteCheckpointError
 from ckptd.export.runner import cleanup_staging
 from ckptd.formats import check_complete
-from ckptd.metrics import first_value
+from ckptd.metric_sources import first_value
 from ckptd.model_state import compare_state
 from ckptd.safetensors_io import open_safetensors
 from ckptd.weights import file_sha256, open_checkpoint

@@ -21,7 +21,7 @@ from ckptd.daemon.exports import ExportScheduler
 from ckptd.daemon.hooks import HookRunner
 from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.logs import configure_logging, get_logger
-from ckptd.daemon.metrics import Metrics
+from ckptd.daemon.telemetry import Metrics
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.paths import resolve_output, run_name
 from ckptd.daemon.pipeline import RunContext, RunProcessor, apply_retention
