@@ -10,11 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 TEMP_PREFIX = ".ckptd-tmp-"
+
+# Temp files this process is writing right now: cleanup never removes them (a processor re-created after a reload
+# reconciles while the old one may still be writing).
+_in_flight: set[Path] = set()
+_in_flight_lock = threading.Lock()
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -46,6 +52,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(final)
+    with _in_flight_lock:
+        _in_flight.add(tmp)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -55,6 +63,9 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    finally:
+        with _in_flight_lock:
+            _in_flight.discard(tmp)
     fsync_dir(final.parent)
 
 
@@ -88,7 +99,8 @@ def atomic_torch_save(obj: Any, final: str | Path, save: Callable[[Any, Any], No
 
 
 def cleanup_stale_temps(directory: str | Path, older_than_s: float = 0.0) -> list[Path]:
-    """Remove temp files a killed writer left in ``directory`` (only ckptd's own temp names)."""
+    """Remove temp files a killed writer left in ``directory`` (only ckptd's own temp names, never one this
+    process is still writing)."""
     import time
 
     removed: list[Path] = []
@@ -96,8 +108,10 @@ def cleanup_stale_temps(directory: str | Path, older_than_s: float = 0.0) -> lis
     if not directory.is_dir():
         return removed
     now = time.time()
+    with _in_flight_lock:
+        busy = set(_in_flight)
     for entry in directory.iterdir():
-        if entry.name.startswith(TEMP_PREFIX) and entry.is_file():
+        if entry.name.startswith(TEMP_PREFIX) and entry.is_file() and entry not in busy:
             try:
                 if now - entry.stat().st_mtime >= older_than_s:
                     entry.unlink()

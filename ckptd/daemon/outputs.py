@@ -1,31 +1,31 @@
-"""Per-run outputs: pinned member copies, ``average.safetensors``, ``best.safetensors``, ``manifest.json``.
+"""Per-stream outputs: pinned member copies, ``average.safetensors``, ``best.safetensors``, ``manifest.json``.
 
-Every file is published atomically (temp in the same directory, fsync, rename, fsync the directory). The
-manifest is a pure function of the member set, so it can always be regenerated.
+Member copies are immutable, content-named files written atomically; best, average and manifest are published
+together as one generation (``ckptd.daemon.publish``). The manifest is a pure function of the member set and
+the export state, so it can always be regenerated.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ckptd import __version__
-from ckptd.atomic import atomic_write_text
 from ckptd.averaging import average_checkpoints
 from ckptd.daemon.config import Policy
 from ckptd.daemon.ledger import CheckpointRow, MemberRow
+from ckptd.daemon.publish import AVERAGE, BEST, BEST_PT, MANIFEST, Generation, current_dir
+from ckptd.formats import CheckpointFormat
 from ckptd.safetensors_io import open_safetensors
-from ckptd.weights import cast_floating, provenance_metadata, write_weights
+from ckptd.weights import Checkpoint, cast_floating, provenance_metadata, write_weights
 
-MANIFEST = "manifest.json"
-AVERAGE = "average.safetensors"
-BEST = "best.safetensors"
 MEMBERS_DIR = "members"
+__all__ = ["AVERAGE", "BEST", "MANIFEST", "MEMBERS_DIR"]
 
 
 def torch_dtype(name: str) -> torch.dtype | None:
@@ -42,47 +42,91 @@ def member_path(output: Path, source: str, sha256: str) -> Path:
 
 
 def write_member(path: Path, weights: Mapping[str, torch.Tensor], *, source: str, sha256: str,
-                 metric: float | None, step: int | None, layout: str) -> None:
-    """A pinned copy in the checkpoint's own dtype: the average must not depend on the trainer keeping its file."""
+                 metric: float | None, step: int | None, layout: str, source_size: int = -1,
+                 source_mtime_ns: int = -1, stream: str = "model") -> None:
+    """A pinned copy in the checkpoint's own dtype: the average must not depend on the trainer keeping its file.
+    Its metadata carries the source's identity (size, mtime) so a lost ledger is rebuilt exactly from it."""
     md = provenance_metadata(source, sha256=sha256, metric=metric, step=step,
-                             extra={"layout": layout, "role": "member"})
+                             extra={"layout": layout, "role": "member", "stream": stream,
+                                    "source_size": source_size, "source_mtime_ns": source_mtime_ns})
     write_weights(path, weights, metadata=md)
 
 
-def publish_best(output: Path, weights: Mapping[str, torch.Tensor], policy: Policy, *, source: str, sha256: str,
-                 metric: float | None, step: int | None) -> None:
-    md = provenance_metadata(source, sha256=sha256, metric=metric, step=step, extra={"role": "best"})
-    cast = cast_floating(weights, torch_dtype(policy.model_only.dtype))
-    for fmt in policy.model_only.formats:
-        write_weights(output / ("best.safetensors" if fmt == "safetensors" else "best.pt"), cast, metadata=md, fmt=fmt)
+def own_checkpoint(path: str | Path) -> Checkpoint:
+    """A file ckptd wrote itself (immutable: written once, replaced only by rename), memory-mapped so averaging
+    reads only what it needs and memory stays flat in k. Never used on a trainer's file."""
+    mapped = open_safetensors(path)
+    return Checkpoint(path=Path(path), format=CheckpointFormat.SAFETENSORS, obj=mapped.tensors,
+                      weights=mapped.tensors, metadata=mapped.metadata)
 
 
-def publish_best_from_member(output: Path, member: MemberRow, policy: Policy) -> None:
+def stage_best(gen: Generation, member: MemberRow, policy: Policy) -> None:
+    """Put the best member's weights in the generation: a hard link of the pinned copy when no cast is asked
+    (no second model-size write), else a cast copy."""
     r = member.record
-    publish_best(output, open_safetensors(member.file).tensors, policy, source=r.path, sha256=r.sha256,
-                 metric=r.metric, step=r.step)
+    dtype = torch_dtype(policy.model_only.dtype)
+    weights: Mapping[str, torch.Tensor] | None = None
+    for fmt in policy.model_only.formats:
+        if fmt == "safetensors" and dtype is None:
+            gen.link(BEST, Path(member.file))
+            continue
+        if weights is None:
+            weights = cast_floating(open_safetensors(member.file).tensors, dtype)
+        md = provenance_metadata(r.path, sha256=r.sha256, metric=r.metric, step=r.step, extra={"role": "best"})
+        write_weights(gen.path(BEST if fmt == "safetensors" else BEST_PT), weights, metadata=md, fmt=fmt)
 
 
-def publish_average(output: Path, members: Sequence[MemberRow], policy: Policy) -> Path:
+def stage_average(gen: Generation, members: Sequence[MemberRow], policy: Policy) -> None:
     """Fresh streamed mean of the member copies (best first, so integer buffers come from the best)."""
     md = provenance_metadata(extra={
         "role": "average", "k": len(members),
         "members": json.dumps([{"source": m.record.path, "sha256": m.record.sha256, "metric": m.record.metric,
                                 "step": m.record.step} for m in members]),
     })
-    return average_checkpoints([m.file for m in members], output / AVERAGE, reference=0,
-                               dtype=torch_dtype(policy.average.dtype), metadata=md).output
+    average_checkpoints([own_checkpoint(m.file) for m in members], gen.path(AVERAGE), reference=0,
+                        dtype=torch_dtype(policy.average.dtype), metadata=md)
+
+
+def publish(output: Path, policy: Policy, members: Sequence[MemberRow], manifest: dict[str, Any], *,
+            best_changed: bool, average_changed: bool, before_commit: Callable[[], None] | None = None) -> Path:
+    """Build and commit one generation: best, average and manifest change together or not at all.
+    ``before_commit`` runs once everything is written, right before the swap (the ledger's commit)."""
+    with Generation(output) as gen:
+        if members:
+            names = [BEST if f == "safetensors" else BEST_PT for f in policy.model_only.formats]
+            if best_changed or not all(gen.carry(n) for n in names):
+                stage_best(gen, members[0], policy)
+            if len(members) >= policy.average.min_members and (average_changed or not gen.carry(AVERAGE)):
+                stage_average(gen, members, policy)
+        stamped = dict(manifest)
+        stamped["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        gen.write_text(MANIFEST, json.dumps(stamped, indent=2) + "\n")
+        if before_commit is not None:
+            before_commit()
+        return gen.commit()
+
+
+def published_manifest(output: Path) -> dict[str, Any] | None:
+    """The committed manifest, or None (nothing published, or unreadable)."""
+    current = current_dir(output)
+    path = (current / MANIFEST) if current is not None else output / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def build_manifest(watch: str, run: str, output: Path, policy: Policy, members: Sequence[MemberRow],
-                   last: CheckpointRow | None, coreml: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest (DESIGN.md §3) for the given ranked member set; paths relative to ``output``."""
+                   last: CheckpointRow | None, coreml: Mapping[str, Any] | None = None, *,
+                   stream: str = "model") -> dict[str, Any]:
+    """The manifest (DESIGN.md §3) for the given ranked member set; paths relative to ``output``.
+    ``sha256`` identifies a checkpoint's model weights (names, dtypes, shapes, bytes), not its whole file."""
     def entry(m: MemberRow) -> dict[str, Any]:
         return {"source": m.record.path, "sha256": m.record.sha256, "metric": m.record.metric,
                 "step": m.record.step, "path": str(Path(m.file).relative_to(output))}
 
     manifest: dict[str, Any] = {
-        "watch": watch, "run": run, "updated_at": "", "ckptd_version": __version__,
+        "watch": watch, "run": run, "stream": stream, "updated_at": "", "ckptd_version": __version__,
         "metric": {"mode": policy.metric.mode, "sources": [s.describe() for s in policy.metric.sources]},
         "best": None,
         "average": None,
@@ -90,7 +134,7 @@ def build_manifest(watch: str, run: str, output: Path, policy: Policy, members: 
     if members:
         best = entry(members[0])
         best["member_path"] = best.pop("path")
-        best["path"] = BEST if "safetensors" in policy.model_only.formats else "best.pt"
+        best["path"] = BEST if "safetensors" in policy.model_only.formats else BEST_PT
         manifest["best"] = best
         if len(members) >= policy.average.min_members:
             manifest["average"] = {"k": len(members), "top_k": policy.average.top_k, "path": AVERAGE,
@@ -106,18 +150,10 @@ def build_manifest(watch: str, run: str, output: Path, policy: Policy, members: 
     return manifest
 
 
-def write_manifest(output: Path, manifest: dict[str, Any], *, force: bool = False) -> bool:
-    """Write when the content (ignoring ``updated_at``) changed; returns whether it wrote."""
-    path = output / MANIFEST
-    if not force and path.exists():
-        try:
-            old = json.loads(path.read_text())
-            old["updated_at"] = manifest["updated_at"]
-            if old == json.loads(json.dumps(manifest)):
-                return False
-        except (OSError, ValueError):
-            pass
-    manifest = dict(manifest)
-    manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
-    return True
+def manifest_unchanged(output: Path, manifest: dict[str, Any]) -> bool:
+    """Is the published manifest the same as ``manifest`` (ignoring ``updated_at``)? Then nothing is republished."""
+    old = published_manifest(output)
+    if old is None:
+        return False
+    old["updated_at"] = manifest.get("updated_at", "")
+    return bool(old == json.loads(json.dumps(manifest)))

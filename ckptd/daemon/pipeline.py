@@ -1,47 +1,50 @@
-"""One run's processing: from a ready candidate to published outputs and a ledger entry.
+"""One stream of one run: from a ready candidate to published outputs and a ledger entry.
 
-Order of effects (crash safety): outputs are written atomically first, then the ledger commits, then
-evicted member copies are removed, then the manifest is rewritten. A crash at any point leaves either the
-old or the new complete files, and the checkpoint still "pending" in the ledger so it is redone on restart.
+Order of effects (crash safety, one commit point): load and validate the candidate before anything is touched
+(unsafe, unreadable, non-finite or foreign-architecture checkpoints are recorded as invalid and never block the
+run); write the member copy (an immutable, content-named file); build the next generation (best, average,
+manifest) beside the published one; commit the ledger (members + "done" in one transaction); swap the generation
+in with one rename; remove evicted member copies. A crash at any point leaves the previous generation published,
+and recovery (``ckptd.daemon.recovery``) republishes from the ledger if it got ahead of the outputs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import errno
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptd.atomic import cleanup_stale_temps
+import torch
+
+from ckptd.daemon import recovery
 from ckptd.daemon.config import Policy, Watch
 from ckptd.daemon.discovery import Observation, observe
-from ckptd.daemon.ledger import FINAL_STATUSES, Ledger, MemberRow
-from ckptd.daemon.telemetry import Metrics, rejection_reason
+from ckptd.daemon.export_seam import ExportRequester
+from ckptd.daemon.export_state import coreml_block, export_target, published_sha256
+from ckptd.daemon.ledger import FINAL_STATUSES, CheckpointRow, Ledger, MemberRow
 from ckptd.daemon.outputs import (
     AVERAGE,
-    BEST,
-    MANIFEST,
-    MEMBERS_DIR,
     build_manifest,
+    manifest_unchanged,
     member_path,
-    publish_average,
-    publish_best,
-    publish_best_from_member,
-    write_manifest,
+    publish,
     write_member,
 )
 from ckptd.daemon.policy import Decision, Record, decide, ranked
 from ckptd.daemon.retention import Known, select_prunable
-from ckptd.errors import CheckpointError, CkptdError, IncompleteCheckpointError
-from ckptd.export.runner import cleanup_staging
-from ckptd.formats import check_complete
+from ckptd.daemon.telemetry import Metrics, rejection_reason
+from ckptd.errors import CheckpointError, CkptdError, IncompleteCheckpointError, NonFiniteError
+from ckptd.formats import check_complete, safetensors_header
 from ckptd.metric_sources import first_value
 from ckptd.model_state import compare_state
-from ckptd.safetensors_io import open_safetensors
 from ckptd.weights import file_sha256, open_checkpoint
+
+MAX_ATTEMPTS = 3  # a checkpoint that makes processing fail this often is recorded invalid: it never blocks its run
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -51,53 +54,101 @@ class RunContext:
     run: str
     run_dir: Path
     output: Path
+    stream: str = "model"
+
+
+class OutputUnavailable(CkptdError):
+    """Writing this run's outputs failed (disk full, read-only, I/O error): nothing was published and the
+    candidate stays pending; the run's job backs off and retries on its own."""
+
+
+@dataclass
+class Loaded:
+    """A candidate read once: its model weights (in memory, ckptd's own copy), the whole object for metric
+    lookup, and the identity of its model content."""
+
+    weights: dict[str, torch.Tensor]
+    obj: Any
+    metadata: Mapping[str, str]
+    layout: str
+    sha256: str
 
 
 class RunProcessor:
-    """Processes one run's candidates, one at a time (the daemon never runs two jobs of one run at once)."""
+    """Processes one stream of one run, one candidate at a time (never two jobs of one run at once)."""
 
-    def __init__(self, ctx: RunContext, ledger: Ledger, log: Any, *, exporter: Any = None, hooks: Any = None,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, ctx: RunContext, ledger: Ledger, log: Any, *, exporter: ExportRequester | None = None,
+                 hooks: Any = None, metrics: Metrics | None = None) -> None:
         self.ctx = ctx
         self.metrics = metrics or Metrics()
         self.ledger = ledger
-        self.log = log.bind(watch=ctx.watch.name, run=ctx.run)
+        self.log = log.bind(watch=ctx.watch.name, run=ctx.run, **({"stream": ctx.stream}
+                                                                    if ctx.stream != "model" else {}))
         self.exporter = exporter if ctx.policy.coreml.enabled else None
         self.hooks = hooks
-        self.manifest_lock = threading.Lock()
+        self.manifest_lock = threading.RLock()
         self.reconciled = False
-        self._final: set[tuple[str, int, int]] = set()  # identities known final: no ledger query per scan
+        # the latest final identity per path: no ledger query per file per scan; bounded by the files present
+        self._final: dict[str, tuple[int, int]] = {}
 
-    # --- helpers ------------------------------------------------------------------------------------------
+    # --- ledger views -------------------------------------------------------------------------------------
     def members(self) -> list[MemberRow]:
         """Current members, best first."""
-        rows = self.ledger.members(self.ctx.watch.name, self.ctx.run)
+        rows = self.ledger.members(self.ctx.watch.name, self.ctx.run, stream=self.ctx.stream)
         by_record = {r.record: r for r in rows}
         return [by_record[r] for r in ranked([r.record for r in rows], self.ctx.policy.metric.mode)]
 
     def _record(self, obs: Observation, **kw: Any) -> int:
-        return self.ledger.record(self.ctx.watch.name, self.ctx.run, str(obs.path), obs.size, obs.mtime_ns, **kw)
+        return self.ledger.record(self.ctx.watch.name, self.ctx.run, str(obs.path), obs.size, obs.mtime_ns,
+                                  stream=self.ctx.stream, **kw)
 
-    def write_manifest(self, members: list[MemberRow] | None = None, *, coreml: dict[str, Any] | None = None) -> None:
-        """Rewrite manifest.json (serialized with exports, which update its coreml block)."""
+    def _event(self, event: str, **kw: Any) -> None:
+        self.ledger.note_event(self.ctx.watch.name, self.ctx.run, event, stream=self.ctx.stream, **kw)
+
+    # --- publication --------------------------------------------------------------------------------------
+    def _manifest(self, members: list[MemberRow], last: CheckpointRow | None = None,
+                  coreml: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        stored = self.ledger.last_checkpoint(self.ctx.watch.name, self.ctx.run, stream=self.ctx.stream)
+        if last is None or (stored is not None and (stored.step or -1, stored.mtime_ns) > (last.step or -1,
+                                                                                              last.mtime_ns)):
+            last = stored
+        return build_manifest(self.ctx.watch.name, self.ctx.run, self.ctx.output, self.ctx.policy, members, last,
+                              self.current_coreml() if coreml is None else coreml, stream=self.ctx.stream)
+
+    def _publish(self, members: list[MemberRow], manifest: dict[str, Any], *, best_changed: bool,
+                 average_changed: bool, before_commit: Callable[[], None] | None = None) -> None:
+        """One generation; ``before_commit`` (the ledger transaction) runs after everything is written and
+        before the swap. Output write failures become :class:`OutputUnavailable`."""
+        try:
+            with self.manifest_lock:
+                publish(self.ctx.output, self.ctx.policy, members, manifest, best_changed=best_changed,
+                        average_changed=average_changed, before_commit=before_commit)
+        except OSError as exc:
+            if exc.errno in OUTPUT_ERRNOS:
+                self.reconciled = False  # the ledger may be ahead of the outputs: recovery republishes
+                raise OutputUnavailable(f"cannot write the outputs in {self.ctx.output}: "
+                                        f"{exc.strerror or exc}; nothing was published, the previous outputs stay; "
+                                        "retrying after a back-off") from exc
+            raise
+
+    def republish(self, members: list[MemberRow], *, reason: str) -> None:
+        """Publish the complete set for ``members`` (recovery, or after outputs were deleted)."""
+        self._publish(members, self._manifest(members), best_changed=True, average_changed=True)
+        if members:
+            self.log.info("outputs.republished", members=len(members), reason=reason)
+
+    def write_manifest(self, members: list[MemberRow] | None = None, *,
+                       coreml: Mapping[str, Any] | None = None) -> None:
+        """Publish a new manifest with the same weights (a new generation only if the content changed)."""
         with self.manifest_lock:
             members = self.members() if members is None else members
-            last = self.ledger.last_checkpoint(self.ctx.watch.name, self.ctx.run)
-            if coreml is None:
-                coreml = self.current_coreml()
-            manifest = build_manifest(self.ctx.watch.name, self.ctx.run, self.ctx.output, self.ctx.policy, members,
-                                      last, coreml)
-            write_manifest(self.ctx.output, manifest)
+            manifest = self._manifest(members, coreml=coreml)
+            if not manifest_unchanged(self.ctx.output, manifest):
+                self._publish(members, manifest, best_changed=False, average_changed=False)
 
     def current_coreml(self) -> dict[str, Any] | None:
-        """The manifest's coreml block as last written (the manifest is its only store)."""
-        path = self.ctx.output / MANIFEST
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text()).get("coreml")
-        except (OSError, ValueError):
-            return None
+        """The manifest's coreml block: a view of the ledger's exports rows (the ledger is the store)."""
+        return coreml_block(self.ledger, self.ctx.watch.name, self.ctx.run, self.ctx.output, stream=self.ctx.stream)
 
     def note_export(self, block: dict[str, Any], *, ok: bool) -> None:
         """Called by the export scheduler when an export finished (published or failed)."""
@@ -111,12 +162,12 @@ class RunProcessor:
                                                 "CKPTD_METRIC": str(block.get("metric", "")),
                                                 "CKPTD_STEP": str(block.get("step", ""))})
 
-    def _request_export(self, members: list[MemberRow], *, new_best: bool, average_changed: bool) -> None:
+    def request_export(self, members: list[MemberRow], *, new_best: bool, average_changed: bool) -> None:
         if self.exporter is None or not members:
             return
         source = self.ctx.policy.coreml.source
         if source == "best" and new_best:
-            self.exporter.request_for_member(self, members[0])
+            self.exporter.request_best(self, members[0])
         elif source == "average" and average_changed and len(members) >= self.ctx.policy.average.min_members:
             self.exporter.request_average(self, members)
 
@@ -124,129 +175,105 @@ class RunProcessor:
         """Does the published export lag behind the current best/average (e.g. after a restart)?"""
         if self.exporter is None or not members:
             return False
-        block = self.current_coreml() or {}
-        if self.ctx.policy.coreml.source == "best":
-            return block.get("sha256") != members[0].record.sha256
-        if len(members) < self.ctx.policy.average.min_members:
-            return False
-        return block.get("sha256") != average_signature(members)
+        target = export_target(self.ctx.policy, members)
+        published = published_sha256(self.ledger, self.ctx.watch.name, self.ctx.run, stream=self.ctx.stream)
+        return target is not None and target != published
 
-    # --- reconcile ----------------------------------------------------------------------------------------
+    # --- recovery -----------------------------------------------------------------------------------------
     def reconcile(self) -> None:
         """Make the outputs match the ledger (and the ledger match the outputs if it was lost)."""
-        out = self.ctx.output
-        (out / MEMBERS_DIR).mkdir(parents=True, exist_ok=True)
-        for directory in (out, out / MEMBERS_DIR):
-            for tmp in cleanup_stale_temps(directory):
-                self.log.info("output.temp_removed", file=str(tmp), reason="left by an interrupted write")
-        for tmp in cleanup_staging(out):
-            self.log.info("output.temp_removed", file=str(tmp), reason="left by an interrupted export")
-        members = self.members()
-        if not members:
-            members = self._restore_members_from_disk()
-        changed = False
-        kept: list[MemberRow] = []
-        for m in members:
-            if Path(m.file).is_file():
-                kept.append(m)
-                continue
-            src = Path(m.record.path)
-            if src.exists() and file_sha256(src) == m.record.sha256:
-                ckpt = self._open(src)
-                write_member(Path(m.file), ckpt.weights, source=m.record.path, sha256=m.record.sha256,
-                             metric=m.record.metric, step=m.record.step, layout=ckpt.layout)
-                self.log.warning("member.rebuilt", checkpoint=m.record.path, file=m.file,
-                                 reason="pinned copy was missing; re-extracted from the unchanged source")
-                kept.append(m)
-            else:
-                self.log.error("member.lost", checkpoint=m.record.path, file=m.file,
-                               reason="pinned copy missing and the source is gone or changed; dropped from top-k")
-            changed = True
-        if changed:
-            with self.ledger.transaction() as db:
-                self.ledger.set_members(db, self.ctx.watch.name, self.ctx.run, kept)
-        referenced = {Path(m.file).name for m in kept}
-        for f in (out / MEMBERS_DIR).glob("*.safetensors"):
-            if f.name not in referenced:
-                f.unlink(missing_ok=True)
-                self.log.info("member.orphan_removed", file=str(f), reason="not a member in the ledger")
-        kept = self.members()
-        if kept:
-            if changed or (not (out / BEST).exists() and "safetensors" in self.ctx.policy.model_only.formats):
-                publish_best_from_member(out, kept[0], self.ctx.policy)
-                self.log.info("best.rebuilt", checkpoint=kept[0].record.path, metric=kept[0].record.metric)
-            if len(kept) >= self.ctx.policy.average.min_members and (changed or not (out / AVERAGE).exists()):
-                publish_average(out, kept, self.ctx.policy)
-                self.log.info("average.rebuilt", k=len(kept))
-        self.write_manifest(kept)
-        self.reconciled = True
-        if self.export_outdated(kept):
-            self.log.info("export.catch_up", reason="the published CoreML export does not match the current "
-                          f"{self.ctx.policy.coreml.source}; exporting")
-            self._request_export(kept, new_best=True, average_changed=True)
+        recovery.reconcile(self)
 
-    def _restore_members_from_disk(self) -> list[MemberRow]:
-        """Ledger lost: member copies carry source, sha256, metric and step in their metadata."""
-        restored: list[MemberRow] = []
-        for f in sorted((self.ctx.output / MEMBERS_DIR).glob("*.safetensors")):
-            try:
-                md = open_safetensors(f).metadata
-                source, sha = md["source"], md["source_sha256"]
-                metric = float(md["metric"]) if "metric" in md else None
-                step = int(md["step"]) if "step" in md else None
-            except (CkptdError, KeyError, ValueError) as exc:
-                self.log.warning("member.unreadable", file=str(f), reason=str(exc))
-                continue
-            ckpt_id = self.ledger.record(self.ctx.watch.name, self.ctx.run, source, -1, -1, status="done",
-                                         reason="restored from pinned member copy", sha256=sha, metric=metric,
-                                         step=step)
-            restored.append(MemberRow(Record(ckpt_id, source, sha, metric, step, f.stat().st_mtime), str(f)))
-        if restored:
-            top = ranked([m.record for m in restored], self.ctx.policy.metric.mode)[: self.ctx.policy.average.top_k]
-            restored = [m for m in restored if m.record in top]
-            with self.ledger.transaction() as db:
-                self.ledger.set_members(db, self.ctx.watch.name, self.ctx.run, restored)
-            self.log.warning("ledger.restored", members=len(restored), reason="ledger had no members for this run; "
-                             "restored them from the pinned copies' metadata")
-        return self.members()
+    def rebuild_member(self, member: MemberRow) -> bool:
+        """Re-extract a lost member copy from its source if the source still holds the same model weights."""
+        src = Path(member.record.path)
+        if not src.exists():
+            return False
+        loaded = self._load(src)
+        if loaded.sha256 != member.record.sha256:
+            return False
+        st = src.stat()
+        write_member(Path(member.file), loaded.weights, source=member.record.path, sha256=member.record.sha256,
+                     metric=member.record.metric, step=member.record.step, layout=loaded.layout,
+                     source_size=st.st_size, source_mtime_ns=st.st_mtime_ns, stream=self.ctx.stream)
+        return True
 
     # --- processing ---------------------------------------------------------------------------------------
-    def _open(self, path: Path) -> Any:
+    def _load(self, path: Path) -> Loaded:
         w = self.ctx.policy.weights
-        return open_checkpoint(path, key=w.key, prefer_ema=w.prefer_ema, strip_prefixes=w.strip_prefixes,
+        ckpt = open_checkpoint(path, key=w.key, prefer_ema=w.prefer_ema, strip_prefixes=w.strip_prefixes,
                                allow_globals=w.allow_globals)
+        sha = getattr(ckpt, "content_sha256", None) or file_sha256(path)
+        weights = {k: v.detach().clone() for k, v in ckpt.weights.items()}
+        return Loaded(weights, ckpt.obj, ckpt.metadata, ckpt.layout, sha)
 
     def known(self, obs: Observation) -> bool:
         """Already processed to a final status (this content, at this path)?"""
-        identity = (str(obs.path), obs.size, obs.mtime_ns)
-        if identity in self._final:
+        key = str(obs.path)
+        if self._final.get(key) == obs.signature:
             return True
-        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, *identity)
+        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, key, obs.size, obs.mtime_ns,
+                               stream=self.ctx.stream)
         if row is not None and row.status in FINAL_STATUSES:
-            self._final.add(identity)
+            self._final[key] = obs.signature
             return True
         return False
 
+    def forget_missing(self, present: set[Path]) -> None:
+        """Drop cached identities of files no longer present (keeps the cache bounded by the directory)."""
+        for key in [k for k in self._final if Path(k) not in present]:
+            del self._final[key]
+
     def process(self, obs: Observation) -> str:
-        """Handle one ready candidate. Returns the outcome: a final status, 'incomplete' or 'retry'."""
+        """Handle one ready candidate. Returns the outcome: a final status, 'incomplete' or 'retry'.
+        Raises :class:`OutputUnavailable` when outputs cannot be written (the run's job backs off)."""
         started = time.monotonic()
-        outcome = self._process(obs)
+        try:
+            outcome = self._process(obs)
+        except OutputUnavailable:
+            self.metrics.processed.labels(outcome="output_error").inc()
+            raise
+        except Exception as exc:  # a bug or an unforeseen input: never let one checkpoint block its run  # noqa: BLE001
+            outcome = self._failed(obs, exc)
         self.metrics.processed.labels(outcome=outcome).inc()
         self.metrics.job_duration.labels(action="process").observe(time.monotonic() - started)
         if outcome in ("done", "skipped", "duplicate", "unranked"):
             self.metrics.success("process")
         return outcome
 
+    def _failed(self, obs: Observation, exc: Exception) -> str:
+        reason = f"{type(exc).__name__}: {exc}"
+        self._record(obs, status="failed", reason=reason, attempt=True)
+        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, str(obs.path), obs.size, obs.mtime_ns,
+                               stream=self.ctx.stream)
+        attempts = row.attempts if row else MAX_ATTEMPTS
+        if attempts >= MAX_ATTEMPTS:
+            reason = f"processing failed {attempts} times, giving up on this checkpoint: {reason}"
+            self.log.error("checkpoint.invalid", checkpoint=str(obs.path), action="ignore", reason=reason,
+                           exc_info=exc)
+            return self._invalid(obs, reason, counted=False)
+        self.log.error("checkpoint.failed", checkpoint=str(obs.path), action="retry", attempt=attempts,
+                       reason=reason, exc_info=exc)
+        return "retry"
+
+    def _invalid(self, obs: Observation, reason: str, *, counted: bool = True, **kw: Any) -> str:
+        if counted:
+            self.metrics.rejected.labels(reason=rejection_reason(reason)).inc()
+        self._record(obs, status="invalid", reason=reason, **kw)
+        self._event("invalid", error=f"{obs.path}: {reason}")
+        self._final[str(obs.path)] = obs.signature
+        return "invalid"
+
     def _process(self, obs: Observation) -> str:
         if not self.reconciled:
             self.reconcile()
-        watch, run = self.ctx.watch.name, self.ctx.run
-        row = self.ledger.find(watch, run, str(obs.path), obs.size, obs.mtime_ns)
+        path = obs.path
+        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, str(path), obs.size, obs.mtime_ns,
+                               stream=self.ctx.stream)
         if row is not None and row.status in FINAL_STATUSES:
             return row.status
         if row is None:
             self.metrics.detected.inc()
-        path = obs.path
         try:
             check_complete(path)
         except IncompleteCheckpointError as exc:
@@ -257,31 +284,28 @@ class RunProcessor:
                 self.log.warning("checkpoint.incomplete", checkpoint=str(path), action="wait",
                                  reason=f"{exc.reason} (will be retried when the file changes)")
             self._record(obs, status="incomplete", reason=exc.reason)
-            self.ledger.note_event(watch, run, "incomplete", error=str(exc))
+            self._event("incomplete", error=str(exc))
             return "incomplete"
         except CheckpointError:
             pass  # corrupt or foreign: the load below reports it, once, as invalid
         try:
-            sha = file_sha256(path)
-            ckpt = self._open(path)
+            loaded = self._load(path)
         except (CheckpointError, OSError) as exc:
-            if not _unchanged(obs):
+            if not _unchanged(obs) or getattr(exc, "retry", False):
                 self.log.info("checkpoint.changed", checkpoint=str(path), action="retry",
                               reason="the file changed or vanished while being read")
                 return "retry"
             reason = exc.reason if isinstance(exc, CheckpointError) else str(exc)
-            self.metrics.rejected.labels(reason=rejection_reason(reason)).inc()
             self.log.error("checkpoint.invalid", checkpoint=str(path), action="ignore", reason=reason)
-            self._record(obs, status="invalid", reason=reason)
-            self.ledger.note_event(watch, run, "invalid", error=f"{path}: {reason}")
-            return "invalid"
-        metric, metric_src = first_value(self.ctx.policy.metric.sources, path, ckpt.obj, ckpt.metadata, "metric")
-        step_value, _ = first_value(self.ctx.policy.step_sources, path, ckpt.obj, ckpt.metadata, "step")
+            return self._invalid(obs, reason)
+        metric, metric_src = first_value(self.ctx.policy.metric.sources, path, loaded.obj, loaded.metadata, "metric")
+        step_value, _ = first_value(self.ctx.policy.step_sources, path, loaded.obj, loaded.metadata, "step")
         step = None if step_value is None else int(step_value)
         if not _unchanged(obs):
             self.log.info("checkpoint.changed", checkpoint=str(path), action="retry",
                           reason="the file changed while being read; discarded")
             return "retry"
+        sha = loaded.sha256
         ckpt_id = self._record(obs, status="pending", sha256=sha, metric=metric,
                                metric_source=metric_src if metric is not None else None, step=step)
         members = self.members()
@@ -290,74 +314,101 @@ class RunProcessor:
                           self.ctx.policy.metric.mode)
         if decision.action != "join":
             return self._finish_without_change(obs, decision, metric, metric_src, step, sha)
-        mismatch = self._architecture_mismatch(members, ckpt.weights)
-        if mismatch:
-            reason = f"architecture differs from this run's members ({mismatch}); not averaged"
-            self.metrics.rejected.labels(reason="architecture").inc()
-            self.log.error("checkpoint.refused", checkpoint=str(path), metric=metric, action="refuse", reason=reason)
-            self._record(obs, status="invalid", reason=reason, sha256=sha, metric=metric, step=step)
-            self.ledger.note_event(watch, run, "refused", error=f"{path}: {reason}")
-            return "invalid"
-        return self._publish(obs, decision, record, ckpt, members, metric_src)
+        problem = self._validate(members, loaded.weights)
+        if problem:
+            self.log.error("checkpoint.refused", checkpoint=str(path), metric=metric, action="refuse", reason=problem)
+            return self._invalid(obs, problem, sha256=sha, metric=metric, step=step)
+        return self._join(obs, decision, record, loaded, members, metric_src)
+
+    def _validate(self, members: list[MemberRow], weights: Mapping[str, torch.Tensor]) -> str:
+        """Why ``weights`` must not be published ('' if fine): non-finite values, or not this run's architecture
+        (names, shapes and dtype kinds of the members). Checked before any output is touched."""
+        for key, t in weights.items():
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                return str(NonFiniteError(f"tensor {key!r} holds NaN or Inf; not published, not averaged"))
+        if not members:
+            return ""
+        for m in members:
+            try:
+                header = safetensors_header(m.file)
+            except CheckpointError:
+                continue  # unreadable reference: try the next member
+            reference = {k: torch.empty(v["shape"], dtype=torch.float32 if v["dtype"][0] in "FB" and
+                                         v["dtype"] != "BOOL" else torch.int64, device="meta")
+                         for k, v in header.items() if k != "__metadata__"}
+            report = compare_state(reference, weights)
+            if not report.ok:
+                return (f"architecture differs from this run's members ({report.describe(limit=3, model='members')});"
+                        " not averaged")
+            kinds = {k for k, t in weights.items() if k in reference
+                     and t.is_floating_point() != reference[k].is_floating_point()}
+            if kinds:
+                return f"tensor kinds differ from this run's members ({sorted(kinds)[:3]}); not averaged"
+            return ""
+        self.reconciled = False  # no member copy is readable: recovery rebuilds them before the next candidate
+        raise OutputUnavailable(f"no member copy of {self.ctx.run} is readable to check the architecture against; "
+                                "recovering the members first")
 
     def _finish_without_change(self, obs: Observation, decision: Decision, metric: float | None,
                                metric_src: str, step: int | None, sha: str) -> str:
         status = {"unranked": "unranked", "duplicate": "duplicate", "skip": "skipped"}[decision.action]
         reason = decision.reason if decision.action != "unranked" else f"{decision.reason} ({metric_src})"
         self._record(obs, status=status, reason=reason, sha256=sha, metric=metric, step=step)
+        self._final[str(obs.path)] = obs.signature
         self.log.info("checkpoint." + status, checkpoint=str(obs.path), metric=metric, step=step,
                       action=decision.action, reason=reason)
-        self.ledger.note_event(self.ctx.watch.name, self.ctx.run, status)
+        self._event(status)
         self.write_manifest()
         return status
 
-    def _architecture_mismatch(self, members: list[MemberRow], weights: Any) -> str:
-        if not members:
-            return ""
-        try:
-            reference = open_safetensors(members[0].file).tensors
-        except CkptdError:
-            return ""
-        report = compare_state(reference, weights)
-        return "" if report.ok else report.describe(limit=3, model="members")
-
-    def _publish(self, obs: Observation, decision: Decision, record: Record, ckpt: Any,
-                 old_members: list[MemberRow], metric_src: str) -> str:
+    def _join(self, obs: Observation, decision: Decision, record: Record, loaded: Loaded,
+              old_members: list[MemberRow], metric_src: str) -> str:
         out, policy = self.ctx.output, self.ctx.policy
         files = {m.record.ckpt_id: m.file for m in old_members}
         new_file = member_path(out, record.path, record.sha256)
         timer = self.metrics.job_duration
-        with timer.labels(action="member").time():
-            write_member(new_file, ckpt.weights, source=record.path, sha256=record.sha256, metric=record.metric,
-                         step=record.step, layout=ckpt.layout)
+        try:
+            with timer.labels(action="member").time():
+                write_member(new_file, loaded.weights, source=record.path, sha256=record.sha256,
+                             metric=record.metric, step=record.step, layout=loaded.layout, source_size=obs.size,
+                             source_mtime_ns=obs.mtime_ns, stream=self.ctx.stream)
+        except OSError as exc:
+            if exc.errno in OUTPUT_ERRNOS:
+                raise OutputUnavailable(f"cannot write member copy {new_file}: {exc.strerror or exc}; nothing was "
+                                        "published, the previous outputs stay; retrying after a back-off") from exc
+            raise
         files[record.ckpt_id] = str(new_file)
         members = [MemberRow(r, files[r.ckpt_id]) for r in decision.members]
-        if decision.new_best:
-            with timer.labels(action="best").time():
-                publish_best(out, ckpt.weights, policy, source=record.path, sha256=record.sha256,
-                             metric=record.metric, step=record.step)
-            self.metrics.success("best")
-        if len(members) >= policy.average.min_members:
-            with timer.labels(action="average").time():
-                publish_average(out, members, policy)
-            self.metrics.success("average")
-        with self.ledger.transaction() as db:
-            self.ledger.set_members(db, self.ctx.watch.name, self.ctx.run, members)
-        self._record(obs, status="done", reason=decision.reason, sha256=record.sha256, metric=record.metric,
-                     metric_source=metric_src, step=record.step)
-        for gone in decision.evicted:
-            if gone.ckpt_id in files and files[gone.ckpt_id] != str(new_file):
-                Path(files[gone.ckpt_id]).unlink(missing_ok=True)
-        self.write_manifest(members)
-        self.log.info("checkpoint.joined", checkpoint=record.path, metric=record.metric, step=record.step,
-                      action="join", reason=decision.reason, k=len(members),
-                      average=len(members) >= policy.average.min_members, new_best=decision.new_best)
-        self.ledger.note_event(self.ctx.watch.name, self.ctx.run, "new_best" if decision.new_best else "joined")
         average_changed = len(members) >= policy.average.min_members
-        self._request_export(members, new_best=decision.new_best, average_changed=average_changed)
+        done = CheckpointRow(record.ckpt_id, record.path, obs.size, obs.mtime_ns, record.sha256, "done",
+                             decision.reason, record.metric, record.step)
+
+        def commit_ledger() -> None:
+            with self.ledger.transaction() as db:
+                self.ledger.set_members(db, self.ctx.watch.name, self.ctx.run, members, stream=self.ctx.stream)
+                self.ledger.record(self.ctx.watch.name, self.ctx.run, str(obs.path), obs.size, obs.mtime_ns,
+                                   status="done", reason=decision.reason, sha256=record.sha256,
+                                   metric=record.metric, metric_source=metric_src, step=record.step,
+                                   stream=self.ctx.stream, db=db)
+
+        with timer.labels(action="publish").time():
+            self._publish(members, self._manifest(members, done), best_changed=decision.new_best,
+                          average_changed=average_changed, before_commit=commit_ledger)
+        self._final[str(obs.path)] = obs.signature
+        recovery.remove_evicted([files[g.ckpt_id] for g in decision.evicted
+                                 if g.ckpt_id in files and files[g.ckpt_id] != str(new_file)])
+        if decision.new_best:
+            self.metrics.success("best")
+        if average_changed:
+            self.metrics.success("average")
+        self.log.info("checkpoint.joined", checkpoint=record.path, metric=record.metric, step=record.step,
+                      action="join", reason=decision.reason, k=len(members), average=average_changed,
+                      new_best=decision.new_best)
+        self._event("new_best" if decision.new_best else "joined")
+        self.request_export(members, new_best=decision.new_best, average_changed=average_changed)
         if self.hooks is not None:
             env = {"CKPTD_CHECKPOINT": record.path, "CKPTD_METRIC": str(record.metric), "CKPTD_STEP": str(record.step),
-                   "CKPTD_SHA256": record.sha256}
+                   "CKPTD_SHA256": record.sha256, "CKPTD_STREAM": self.ctx.stream}
             if decision.new_best:
                 self.hooks.fire(self, "on_new_best", {**env, "CKPTD_BEST": str(out / "best.safetensors")})
             if average_changed:
@@ -394,11 +445,6 @@ def apply_retention(processor: RunProcessor, now: float) -> int:
         processor.log.info("retention.deleted", checkpoint=str(path), action="delete", reason=reason)
         deleted += 1
     return deleted
-
-
-def average_signature(members: list[MemberRow]) -> str:
-    """Identity of an average: the sha256 over its members' content hashes."""
-    return hashlib.sha256("".join(sorted(m.record.sha256 for m in members)).encode()).hexdigest()
 
 
 def _unchanged(obs: Observation) -> bool:
