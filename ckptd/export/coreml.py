@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ckptd import __version__
-from ckptd.errors import CkptdError, ExportError
+from ckptd.errors import CheckpointError, CkptdError, ExportError, WeightsMismatchError
 from ckptd.export.request import ExportRequest, ExportResult
 from ckptd.model_state import load_model_weights
 
@@ -72,10 +73,16 @@ def build_model(req: ExportRequest, weights: str) -> nn.Module:
         raise ExportError(f"factory {req.factory}({req.factory_kwargs}) failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ExportError(f"factory {req.factory} returned {type(model).__name__}, not an nn.Module")
+    if not Path(weights).exists():  # say so plainly: neither a model mismatch nor anyone else's fault
+        raise ExportError(f"the weights to export do not exist: {weights}")
     try:
         load_model_weights(model, weights, strict=True)
-    except CkptdError as exc:
+    except WeightsMismatchError as exc:  # only a real key/shape/dtype mismatch is "does not fit"
         raise ExportError(f"weights {weights} do not fit the factory's model: {exc}") from None
+    except CheckpointError as exc:
+        raise ExportError(f"cannot read the weights to export: {exc}") from None
+    except CkptdError as exc:
+        raise ExportError(f"cannot load the weights to export ({weights}): {exc}") from None
     return model.eval()
 
 

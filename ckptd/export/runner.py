@@ -24,13 +24,41 @@ from ckptd.export.request import ExportRequest, ExportResult
 
 VERSIONS_DIR = "coreml"
 _VERSION_RE = re.compile(r"^best-v(\d+)(?:-.*)?\.mlpackage$")
-_LIVE: set[subprocess.Popen[bytes]] = set()
-_LIVE_LOCK = threading.Lock()
-_STOPPING = threading.Event()
 
 
-def run_export(req: ExportRequest, timeout: float) -> ExportResult:
-    """Export in a subprocess; never raises for export problems (the result says failed, with the reason)."""
+class ExportProcesses:
+    """The export children of one owner (the daemon's scheduler), so its shutdown kills exactly those, and a
+    stopped owner never leaves a flag behind that would kill another owner's exports."""
+
+    def __init__(self) -> None:
+        self._live: set[subprocess.Popen[bytes]] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def add(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._live.add(proc)
+            stopping = self._stopping
+        if stopping:  # the owner began stopping while this one was starting
+            _kill(proc)
+
+    def discard(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._live.discard(proc)
+
+    def kill_all(self) -> None:
+        """On shutdown: stop exports now (they are redone on restart; nothing partial was published)."""
+        with self._lock:
+            self._stopping = True
+            procs = list(self._live)
+        for proc in procs:
+            _kill(proc)
+
+
+def run_export(req: ExportRequest, timeout: float, processes: ExportProcesses | None = None) -> ExportResult:
+    """Export in a subprocess; never raises for export problems (the result says failed, with the reason).
+    ``processes``: register the child there, so its owner can kill it on shutdown."""
+    processes = processes or ExportProcesses()
     start = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-export-"))
     try:
@@ -42,10 +70,7 @@ def run_export(req: ExportRequest, timeout: float) -> ExportResult:
             proc = subprocess.Popen([sys.executable, "-m", "ckptd.export.worker", str(tmp / "request.json"),
                                      str(tmp / "result.json")], stdout=log, stderr=log, env=env,
                                     start_new_session=True)
-        with _LIVE_LOCK:
-            _LIVE.add(proc)
-        if _STOPPING.is_set():  # the daemon began stopping while this one was starting
-            _kill(proc)
+        processes.add(proc)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -53,8 +78,7 @@ def run_export(req: ExportRequest, timeout: float) -> ExportResult:
             return ExportResult(status="failed", reason=f"export timed out after {timeout:g}s and was killed",
                                 seconds=time.monotonic() - start)
         finally:
-            with _LIVE_LOCK:
-                _LIVE.discard(proc)
+            processes.discard(proc)
         if (tmp / "result.json").exists():
             result = ExportResult.read(tmp / "result.json")
             result.seconds = time.monotonic() - start
@@ -73,31 +97,12 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=30)
 
 
-def kill_running_exports() -> None:
-    """On daemon shutdown: stop exports now (they are redone on restart; nothing partial was published)."""
-    _STOPPING.set()
-    with _LIVE_LOCK:
-        procs = list(_LIVE)
-    for proc in procs:
-        _kill(proc)
-
-
 def staging_path(output: Path) -> Path:
-    """Where the worker builds the package: next to its final place (same filesystem), under a temp name."""
+    """Where the worker builds the package: next to its final place (same filesystem), under a temp name.
+    The daemon's ``ExportScheduler.reconcile_inputs`` removes those no running export owns."""
     versions = output / VERSIONS_DIR
     versions.mkdir(parents=True, exist_ok=True)
     return versions / f"{TEMP_PREFIX}staging-{uuid.uuid4().hex[:8]}.mlpackage"
-
-
-def cleanup_staging(output: Path) -> list[Path]:
-    removed = []
-    versions = output / VERSIONS_DIR
-    if versions.is_dir():
-        for p in versions.iterdir():
-            if p.name.startswith(TEMP_PREFIX + "staging-"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
 
 
 def _versions(output: Path) -> list[tuple[int, Path]]:
