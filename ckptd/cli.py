@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .safetensors (default format) or .pt")
     _add_weight_options(p)
 
-    p = sub.add_parser("average", help="average checkpoints (optionally the top-k by a metric)")
+    p = sub.add_parser("average", help="average checkpoints (optionally the top-k by a metric); integer buffers "
+                                       "come from the best file by --metric, else from the first file given")
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--top-k", type=int, default=None, help="average only the best K (needs --metric)")
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metric source: checkpoint:KEY.PATH, filename:REGEX, sidecar:{stem}.json[#key], "
                         "trainer_state:KEY (repeatable; first that yields wins)")
     p.add_argument("--mode", choices=["max", "min"], default="max")
+    p.add_argument("--skip-unranked", action="store_true",
+                   help="leave out files that yield no metric (default: such a file is an error naming it)")
     _add_weight_options(p)
 
     p = sub.add_parser("export-coreml", help="convert weights to a verified CoreML .mlpackage")
@@ -220,7 +223,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
     def progress(phase: str, done: int, total: int) -> None:
         bars.setdefault(phase, Progress(f"extract: {phase}"))(done, total)
 
-    ckpt = extract_weights(args.checkpoint, args.output, key=args.key, prefer_ema=args.ema,
+    key = args.key
+    if args.ema and key in ("", "auto"):
+        # --ema takes EMA weights or fails: a silent fallback to the model's weights would hand out the wrong model
+        from ckptd.trainers import ema_weights_key
+        from ckptd.weights import load_object
+
+        _, obj, _ = load_object(args.checkpoint, allow_globals=args.allow_global)
+        found = ema_weights_key(obj)
+        if found is None:
+            print(f"ckptd extract: {args.checkpoint} has no EMA weights (looked for ema_state_dict, state_dict_ema, "
+                  "Lightning WeightAveraging / EMA callback state); drop --ema for the model weights", file=sys.stderr)
+            return EXIT_USAGE
+        key = found
+    ckpt = extract_weights(args.checkpoint, args.output, key=key, prefer_ema=args.ema and key in ("", "auto"),
                            strip_prefixes=_strip(args), dtype=_dtype(args.dtype), allow_globals=args.allow_global,
                            progress=progress)
     for bar in bars.values():
@@ -230,26 +246,58 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
+    """Average checkpoints. With ``--metric`` they are ranked (``--top-k`` keeps the best K) and integer/bool
+    buffers come from the best; without, every file given is averaged and buffers come from the first one.
+    A file without a metric is an error naming it unless ``--skip-unranked``: averaging fewer files than asked
+    without saying so would publish a different model than the user thinks."""
     from ckptd.averaging import average_checkpoints
+    from ckptd.metric_sources import find_value, parse_source
     from ckptd.progress import Progress
-    from ckptd.selection import select_top_k
+    from ckptd.ranking import Candidate, rank
     from ckptd.weights import open_checkpoint, provenance_metadata
 
-    if (args.top_k is not None or args.metric) and not args.metric:
-        print("ckptd average: --top-k needs --metric", file=sys.stderr)
+    if (args.top_k is not None or args.skip_unranked) and not args.metric:
+        print("ckptd average: --top-k and --skip-unranked need --metric", file=sys.stderr)
         return EXIT_USAGE
     if args.top_k is not None and args.top_k < 1:
         print("ckptd average: --top-k must be >= 1", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        sources = [parse_source(m) for m in args.metric]
+    except CkptdError as exc:
+        print(f"ckptd average: --metric: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     # each file is opened (mapped) once: the metric is read from the same object the average then streams
     ckpts = [open_checkpoint(p, key=args.key, prefer_ema=args.ema, strip_prefixes=_strip(args),
                              allow_globals=args.allow_global) for p in args.checkpoints]
-    chosen_desc = ""
-    if args.metric:
-        ranked = select_top_k(ckpts, args.metric, args.top_k or len(ckpts), args.mode)
+    chosen_desc, reference_why = "", "the first file given (no --metric to rank by)"
+    if sources:
+        candidates, unranked = [], []
+        for c in ckpts:
+            found = find_value(sources, c.path, c.obj, c.metadata, "metric")
+            if found.value is None:
+                unranked.append(f"{c.path}: {found.where}")
+            candidates.append(Candidate(path=str(c.path), metric=found.value, mtime=c.path.stat().st_mtime))
+        if unranked and not args.skip_unranked:
+            print("ckptd average: no metric in " + "; ".join(unranked)
+                  + " (fix --metric, or pass --skip-unranked to leave such files out)", file=sys.stderr)
+            return EXIT_USAGE
+        ranked = rank(candidates, args.mode)
+        if not ranked:
+            print("ckptd average: no file yielded a metric from " + ", ".join(args.metric), file=sys.stderr)
+            return EXIT_USAGE
+        want = args.top_k or len(ckpts)
+        if unranked:
+            print(f"ckptd average: skipped {len(unranked)} file(s) without a metric: "
+                  + ", ".join(u.split(": ", 1)[0] for u in unranked), file=sys.stderr)
+        if len(ranked) < want:
+            print(f"ckptd average: averaging {len(ranked)} ranked file(s), fewer than the {want} asked for",
+                  file=sys.stderr)
+        ranked = ranked[:want]
         by_path = {str(c.path): c for c in ckpts}
         ckpts = [by_path[c.path] for c in ranked]
         chosen_desc = ", ".join(f"{Path(c.path).name} ({c.metric:g})" for c in ranked)
+        reference_why = f"the best by {args.metric[0]} ({args.mode})"
     reference = 0
     progress = Progress(f"averaging {len(ckpts)} checkpoints")
     md = provenance_metadata(extra={"averaged_from": json.dumps([str(c.path.resolve()) for c in ckpts]),
@@ -258,7 +306,7 @@ def cmd_average(args: argparse.Namespace) -> int:
                                  metadata=md, progress=progress)
     progress.finish()
     print(f"wrote {args.output}: mean of {len(ckpts)} checkpoints ({result.averaged} tensors averaged, "
-          f"{result.copied} integer/bool buffers taken from {Path(result.reference).name})")
+          f"{result.copied} integer/bool buffers taken from {Path(result.reference).name}: {reference_why})")
     if chosen_desc:
         print(f"  top-{len(ckpts)} by {args.metric[0]} ({args.mode}): {chosen_desc}")
     return EXIT_OK

@@ -136,7 +136,10 @@ def find_model_weights(
                               f"top-level keys: {_keys_preview(obj)}") from None
         if not isinstance(value, Mapping) or not any(isinstance(v, torch.Tensor) for v in value.values()):
             raise LookupError(f"key path {key!r} does not hold a state dict of tensors")
-        return _finish(key, "explicit", value, strip, lightning=False)
+        # an explicit key in a Lightning checkpoint (state_dict, current_model_state, an EMA callback's weights)
+        # holds the LightningModule's weights: its attribute prefix goes, as in the auto-detected case
+        lightning = isinstance(obj, Mapping) and any(m in obj for m in _LIGHTNING_MARKERS)
+        return _finish(key, "explicit", value, strip, lightning=lightning)
 
     if is_state_dict(obj):
         return _finish("", "plain", obj, strip, lightning=False)

@@ -31,13 +31,18 @@ def read_candidate(source: str | Path | Checkpoint, metric_sources: Sequence[Val
 
 def select_top_k(checkpoints: Sequence[str | Path | Checkpoint], metric: Sequence[str | ValueSource] | str, k: int,
                  mode: str = "max", *, step: Sequence[str | ValueSource] = (),
-                 allow_globals: Sequence[Any] = ()) -> list[Candidate]:
-    """The best ``k`` checkpoints by ``metric`` (best first). Those without a metric are skipped; if none has
-    one, MetricError explains why for each."""
+                 allow_globals: Sequence[Any] = (), skip_unranked: bool = True) -> list[Candidate]:
+    """The best ``k`` checkpoints by ``metric`` (best first). Those without a metric are skipped (fewer than ``k``
+    may come back: compare the length); with ``skip_unranked=False`` a checkpoint without a metric is a
+    MetricError naming it (what ``ckptd average`` does unless ``--skip-unranked``). If none has one, MetricError
+    explains why for each."""
     metric_list = [metric] if isinstance(metric, str) else list(metric)
     m_sources = [s if isinstance(s, ValueSource) else parse_source(s) for s in metric_list]
     s_sources = [s if isinstance(s, ValueSource) else parse_source(s) for s in step]
     candidates = [read_candidate(c, m_sources, s_sources, allow_globals) for c in checkpoints]
+    missing = [c.path for c in candidates if c.metric is None]
+    if missing and not skip_unranked:
+        raise MetricError("no metric from " + ", ".join(s.describe() for s in m_sources) + " in " + ", ".join(missing))
     ranked = top_k(candidates, k, mode)
     if not ranked:
         raise MetricError("no checkpoint yielded a metric from " + ", ".join(s.describe() for s in m_sources))

@@ -152,13 +152,27 @@ _SCORE_RE = re.compile(r"^checkpoint(?P<ema>_ema)?_score_(?P<metric>[-+0-9.eE]+?
 
 
 class SeedLayoutSaver:
-    """Writes the files training scripts of the seed (ml-cvnets) expect, fixing its pitfalls.
+    """Writes the files of ml-cvnets' ``save_checkpoint`` (``utils/checkpoint_utils.py``), fixing its pitfalls.
 
-    Per call: ``training_checkpoint_last.pt`` (+ ``training_checkpoint_{epoch}_{iter}.pt`` if
-    ``keep_all_training``), model-only ``checkpoint_last.pt`` / ``checkpoint_best.pt`` and EMA variants, and
-    score-named top-k files ``checkpoint_score_{metric:.4f}.pt``. Differences from the seed: every write is
-    atomic; the new best is written before anything old is removed; two scores equal to 4 decimals get an
-    ``_it{iteration}`` suffix instead of overwriting each other; only score files this saver manages are pruned.
+    Per :meth:`save`, in ml-cvnets' order: on a new best (``metric`` ties or beats ``best_metric``, as ml-cvnets'
+    ``>=``) ``checkpoint_best.pt`` and, when ``top_k > 1``, the top-k file ``checkpoint_score_{metric:.4f}.pt`` plus
+    ``checkpoint_avg.pt`` (mean of the kept score files); ``checkpoint_ema_last.pt``; on a new EMA best (by the EMA
+    model's *own* ``ema_metric`` against ``ema_best_metric``) ``checkpoint_ema_best.pt``,
+    ``checkpoint_ema_score_{ema_metric:.4f}.pt`` and ``checkpoint_ema_avg.pt``; ``training_checkpoint_last.pt``
+    (+ ``training_checkpoint_{epoch}_{iter}.pt`` with ``keep_all_training``); ``checkpoint_last.pt``.
+
+    Top-k semantics of ml-cvnets' ``avg_and_save_k_checkpoints``: a score file is written only for a new best (so the
+    kept files are the ``top_k`` best of the successive bests), more than ``top_k`` score files → the worst are
+    deleted, the average is over the kept score files. No EMA metric → no EMA best/score/avg files (only
+    ``checkpoint_ema_last.pt``), as ml-cvnets without ``ema_best_metric``.
+
+    Deliberate differences (ml-cvnets pitfalls, DESIGN.md §4): every file is written atomically (temp + rename), so the
+    old best is never deleted before the new one exists; two scores equal to 4 decimals get an ``_it{iteration}``
+    suffix instead of overwriting each other (the daemon's ``cvnets`` preset reads that suffix as the step); only
+    score files this saver manages are pruned, after the new one is written; the average keeps integer buffers
+    (``num_batches_tracked``) from the best file instead of truncating their float64 mean, and is written as soon as
+    two score files exist (ml-cvnets writes it only once more than ``top_k`` have existed, so a run with at most
+    ``top_k`` improvements never gets one); averaging errors raise instead of being printed and swallowed.
     """
 
     def __init__(self, directory: str | Path, *, mode: str = "max", top_k: int = 5,
@@ -171,57 +185,64 @@ class SeedLayoutSaver:
         self.keep_all_training = keep_all_training
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, epoch: int,
-             iteration: int, metric: float, best_metric: float | None = None, scaler: Any | None = None,
-             ema: nn.Module | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
-        """Save one step's files; returns what was written, by role."""
+    def _improves(self, value: float, best: float | None) -> bool:
         from ckptd.ranking import is_better
 
-        improved = best_metric is None or is_better(metric, best_metric, self.mode) or metric == best_metric
-        best = metric if best_metric is None or improved else best_metric
+        return best is None or value == best or is_better(value, best, self.mode)
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, epoch: int,
+             iteration: int, metric: float, best_metric: float | None = None, scaler: Any | None = None,
+             ema: nn.Module | None = None, ema_metric: float | None = None, ema_best_metric: float | None = None,
+             extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+        """Save one evaluation's files; returns what was written, by role. ``best_metric``/``ema_best_metric`` are
+        the bests *before* this call (None at the start); the training state records the updated best."""
+        is_best = self._improves(metric, best_metric)
+        best = metric if is_best else best_metric
         state = build_training_state(model, optimizer, scaler=scaler, ema=ema, epoch=epoch, iteration=iteration,
                                      best_metric=best, metric=metric, extra=extra)
-        written: dict[str, Path] = {}
         d = self.directory
+        written: dict[str, Path] = {}
+        weights = state["model_state_dict"]
+        if is_best:
+            atomic_torch_save(weights, d / "checkpoint_best.pt")
+            written["best"] = d / "checkpoint_best.pt"
+            if self.top_k > 1:
+                written.update(self._save_scored(weights, metric, iteration, ema=False))
+        if ema is not None:
+            ema_weights = model_state_dict(ema)
+            atomic_torch_save(ema_weights, d / "checkpoint_ema_last.pt")
+            written["ema_last"] = d / "checkpoint_ema_last.pt"
+            if ema_metric is not None and self._improves(ema_metric, ema_best_metric):
+                atomic_torch_save(ema_weights, d / "checkpoint_ema_best.pt")
+                written["ema_best"] = d / "checkpoint_ema_best.pt"
+                if self.top_k > 1:
+                    written.update(self._save_scored(ema_weights, ema_metric, iteration, ema=True))
         written["training_last"] = save_training_state(state, d / "training_checkpoint_last.pt")
         if self.keep_all_training:
             written["training"] = save_training_state(state, d / f"training_checkpoint_{epoch}_{iteration}.pt")
-        weights = state["model_state_dict"]
-        ema_weights = model_state_dict(ema) if ema is not None else None
         atomic_torch_save(weights, d / "checkpoint_last.pt")
         written["last"] = d / "checkpoint_last.pt"
-        if ema_weights is not None:
-            atomic_torch_save(ema_weights, d / "checkpoint_ema_last.pt")
-            written["ema_last"] = d / "checkpoint_ema_last.pt"
-        if improved:
-            atomic_torch_save(weights, d / "checkpoint_best.pt")
-            written["best"] = d / "checkpoint_best.pt"
-            if ema_weights is not None:
-                atomic_torch_save(ema_weights, d / "checkpoint_ema_best.pt")
-                written["ema_best"] = d / "checkpoint_ema_best.pt"
-        if self.top_k > 0:
-            written.update(self._save_scored(weights, metric, iteration, ema=False))
-            if ema_weights is not None:
-                written.update(self._save_scored(ema_weights, metric, iteration, ema=True))
         return written
 
     def _save_scored(self, weights: Mapping[str, torch.Tensor], metric: float, iteration: int,
                      *, ema: bool) -> dict[str, Path]:
-        from ckptd.ranking import is_better
+        from ckptd.averaging import average_checkpoints
 
         tag = "_ema" if ema else ""
-        existing = self._scored(ema)
-        ranked = self._rank(existing)
-        if len(ranked) >= self.top_k and not is_better(metric, ranked[self.top_k - 1][0], self.mode):
-            return {}
         path = self.directory / f"checkpoint{tag}_score_{metric:.4f}.pt"
         if path.exists():
             path = self.directory / f"checkpoint{tag}_score_{metric:.4f}_it{iteration}.pt"
         atomic_torch_save(dict(weights), path)  # write first, prune after
-        for _, _, old in self._rank([*existing, (metric, iteration, path)])[self.top_k:]:
-            if old != path:
-                old.unlink(missing_ok=True)
-        return {f"score{tag}": path}
+        ranked = self._rank(self._scored(ema))
+        for _, _, old in ranked[self.top_k:]:
+            old.unlink(missing_ok=True)
+        kept = [p for _, _, p in ranked[: self.top_k]]
+        out = {f"score{tag}": path}
+        if len(kept) >= 2:
+            avg = self.directory / f"checkpoint{tag}_avg.pt"
+            average_checkpoints(kept, avg, reference=0)  # kept[0] is the best: integer buffers come from it
+            out[f"avg{tag}"] = avg
+        return out
 
     def _rank(self, entries: list[tuple[float, int, Path]]) -> list[tuple[float, int, Path]]:
         """Best first; equal metrics (as far as the 4-decimal names tell) rank the newer iteration first."""

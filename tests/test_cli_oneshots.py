@@ -65,3 +65,41 @@ def test_errors_have_exit_codes_and_one_clear_line(tmp_path: Path) -> None:
     assert ckptd("average").returncode == 2  # usage
     assert ckptd("average", str(bad), "-o", "x.safetensors", "--top-k", "2").returncode == 2
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_average_refuses_to_silently_average_fewer(tmp_path: Path, tiny) -> None:
+    states = [tiny(seed=i).state_dict() for i in range(3)]
+    for sd, score in zip(states, ("0.7000", "-0.2500_it40", "0.9000")):
+        torch.save(sd, tmp_path / f"checkpoint_score_{score}.pt")
+    torch.save(tiny(seed=5).state_dict(), tmp_path / "checkpoint_last.pt")  # no score in its name
+    files = sorted(str(p) for p in tmp_path.glob("checkpoint_*.pt"))
+    regex = r"filename:_score_(?P<metric>[-+]?[0-9]*\.?[0-9]+)(?:_it[0-9]+)?\.pt$"
+    out = str(tmp_path / "avg.safetensors")
+    res = ckptd("average", *files, "-o", out, "--top-k", "2", "--metric", regex)
+    assert res.returncode == 2 and "checkpoint_last.pt" in res.stderr and "--skip-unranked" in res.stderr
+    assert not Path(out).exists()
+    # --skip-unranked with fewer ranked files than K: averages the ranked ones and says so
+    res = ckptd("average", *files, "-o", out, "--top-k", "5", "--metric", regex, "--skip-unranked")
+    assert res.returncode == 0, res.stderr
+    assert "skipped 1 file(s) without a metric" in res.stderr and "averaging 3 ranked file(s), fewer than the 5" \
+        in res.stderr
+    # negative scores and _it<N> names rank; integer buffers come from the best, and the output says which
+    assert "taken from checkpoint_score_0.9000.pt: the best by" in res.stdout
+    assert "checkpoint_score_-0.2500_it40.pt (-0.25)" in res.stdout
+    assert load_file(out)["bn.num_batches_tracked"].item() == 2
+    # without --metric every file is averaged and buffers come from the first file given, said so
+    res = ckptd("average", files[1], files[0], "-o", out)
+    assert res.returncode == 0 and f"taken from {Path(files[1]).name}: the first file given" in res.stdout
+    assert ckptd("average", *files, "-o", out, "--skip-unranked").returncode == 2  # needs --metric
+
+
+def test_extract_ema_without_ema_weights_is_an_error(tmp_path: Path, tiny) -> None:
+    model, ema = tiny(seed=1), tiny(seed=2)
+    torch.save({"model_state_dict": model.state_dict(), "iterations": 1}, tmp_path / "no_ema.pt")
+    torch.save({"model_state_dict": model.state_dict(), "ema_state_dict": ema.state_dict()}, tmp_path / "ema.pt")
+    res = ckptd("extract", str(tmp_path / "no_ema.pt"), "-o", str(tmp_path / "x.safetensors"), "--ema")
+    assert res.returncode == 2 and "has no EMA weights" in res.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+    res = ckptd("extract", str(tmp_path / "ema.pt"), "-o", str(tmp_path / "e.safetensors"), "--ema")
+    assert res.returncode == 0, res.stderr
+    assert torch.equal(load_file(tmp_path / "e.safetensors")["conv.weight"], ema.state_dict()["conv.weight"])

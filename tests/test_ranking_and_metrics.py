@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckptd.errors import MetricError
-from ckptd.metric_sources import first_value, parse_source, read_source
+from ckptd.metric_sources import find_value, first_value, parse_source, read_source
 from ckptd.ranking import Candidate, is_better, newest, rank, top_k
 
 
@@ -70,3 +70,51 @@ def test_non_numbers_are_refused_with_reason(tmp_path: Path) -> None:
     for key, reason in (("m", "not a number"), ("n", "nan"), ("t", "3 elements")):
         with pytest.raises(MetricError, match=reason):
             read_source(parse_source(f"checkpoint:{key}"), tmp_path / "x.pt", obj)
+
+
+def _mc(monitor: str, score: float | None, files: list[str], with_field: bool = True) -> tuple[str, dict]:
+    key = f"ModelCheckpoint{{'monitor': '{monitor}', 'mode': 'min', 'every_n_train_steps': 0}}"
+    state = {"best_model_score": torch.tensor(0.01), "current_score": None if score is None else torch.tensor(score),
+             "best_k_models": {f"/remote/ckpts/{f}": torch.tensor(0.5) for f in files}}
+    if with_field:
+        state["monitor"] = monitor
+    return key, state
+
+
+def test_lightning_source_reads_the_monitoring_callback_that_saved_the_file(tmp_path: Path) -> None:
+    ckpt = tmp_path / "epoch=3-val_loss=0.25.ckpt"
+    obj = {"callbacks": dict([_mc("val_loss", 0.25, [ckpt.name]), _mc("val_acc", 0.8, ["acc.ckpt"])])}
+    found = find_value([parse_source("lightning:val_loss")], ckpt, obj)
+    assert found.value == 0.25 and "current_score" in found.where and "'val_loss'" in found.where
+    assert read_source(parse_source("lightning:val_acc"), tmp_path / "acc.ckpt", obj) == pytest.approx(0.8)
+    # older Lightning: no 'monitor' field, the state key says it
+    old = {"callbacks": dict([_mc("val_loss", 0.25, [ckpt.name], with_field=False)])}
+    assert read_source(parse_source("lightning:val_loss"), ckpt, old) == 0.25
+    # a file saved by another callback carries a stale copy of this callback's score: refused
+    with pytest.raises(MetricError, match="saved by another callback"):
+        read_source(parse_source("lightning:val_loss"), tmp_path / "acc.ckpt", obj)
+    # two callbacks monitor the same name: the one listing this file wins
+    two = {"callbacks": dict([_mc("val_loss", 0.3, ["other.ckpt"]),
+                              ("ModelCheckpoint{'monitor': 'val_loss', 'every_n_train_steps': 50}",
+                               _mc("val_loss", 0.25, [ckpt.name])[1])])}
+    assert read_source(parse_source("lightning:val_loss"), ckpt, two) == 0.25
+    with pytest.raises(MetricError, match=r"monitored: val_loss, val_acc"):
+        read_source(parse_source("lightning:train_loss"), ckpt, obj)
+    none = {"callbacks": dict([_mc("val_loss", None, [ckpt.name])])}
+    with pytest.raises(MetricError, match="is None"):
+        read_source(parse_source("lightning:val_loss"), ckpt, none)
+    # best_model_score (the best so far) is never what it returns
+    assert find_value([parse_source("lightning:val_loss")], ckpt, obj).value != 0.01
+
+
+def test_find_value_says_where(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoint_score_-0.1250_it40.pt"
+    from ckptd.trainers import PlanSettings, build_plan
+
+    stream = build_plan("cvnets", "t", PlanSettings()).stream("model")
+    metric = find_value(stream.metric_sources, ckpt)
+    step = find_value(stream.step_sources, ckpt, group="step")
+    assert (metric.value, step.value) == (-0.125, 40)
+    assert metric.where == f"file name {ckpt.name!r}" and metric.source.startswith("filename:")
+    missing = find_value(stream.step_sources, tmp_path / "checkpoint_score_0.5000.pt", group="step")
+    assert missing.value is None and "does not match" in missing.where

@@ -152,13 +152,51 @@ def test_seed_layout_saver(tmp_path: Path, tiny) -> None:
         best = score if best is None or score > best else best
         assert written["training_last"].exists()
     names = sorted(p.name for p in tmp_path.iterdir())
-    # 0.7 and 0.7000001 agree to 4 decimals: both kept as distinct files, no overwrite
+    # 0.7 and 0.7000001 agree to 4 decimals: both kept as distinct files, no overwrite; 0.6 was no new best, so
+    # (as in ml-cvnets) no score file; without an EMA metric only the EMA's last copy is written
     assert names == sorted([
         "training_checkpoint_last.pt", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_ema_last.pt",
-        "checkpoint_ema_best.pt", "checkpoint_score_0.9000.pt", "checkpoint_score_0.7000_it30.pt",
-        "checkpoint_ema_score_0.9000.pt", "checkpoint_ema_score_0.7000_it30.pt",
+        "checkpoint_score_0.9000.pt", "checkpoint_score_0.7000_it30.pt", "checkpoint_avg.pt",
     ])
     last = open_checkpoint(tmp_path / "training_checkpoint_last.pt")
     assert last.obj["metric"] == 0.9 and last.obj["best_metric"] == 0.9 and last.obj["iterations"] == 50
     assert_same_state(open_checkpoint(tmp_path / "checkpoint_best.pt").weights, model.state_dict())
-    assert_same_state(open_checkpoint(tmp_path / "checkpoint_ema_best.pt").weights, ema.module.state_dict())
+    assert_same_state(open_checkpoint(tmp_path / "checkpoint_ema_last.pt").weights, ema.module.state_dict())
+
+
+def test_seed_layout_saver_mirrors_cvnets_topk_with_its_own_ema_metric(tmp_path: Path, tiny) -> None:
+    """ml-cvnets semantics: a score file per new best (ties count), the k best kept, the average over them; the
+    EMA files are named by the EMA model's own metric. Followed like the daemon does, with the cvnets preset."""
+    from ckptd.trainers import PlanSettings, build_plan
+    from tests.producers import Follower
+
+    model, ema_model = tiny(seed=1), tiny(seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saver = SeedLayoutSaver(tmp_path, mode="min", top_k=3)
+    follower = Follower(tmp_path, build_plan("cvnets", "t", PlanSettings(exclude=(".*",))), "min", 3)
+    best = ema_best = None
+    losses = [-0.1, -0.3, -0.2, -0.45, -0.45, -0.5, -0.4, -0.62]
+    ema_losses = [-0.05, -0.2, -0.25, -0.3, -0.28, -0.5, -0.55, -0.6]
+    for it, (m, em) in enumerate(zip(losses, ema_losses), start=1):
+        train_a_bit(model, opt)
+        with torch.no_grad():
+            for pe, p in zip(ema_model.parameters(), model.parameters()):
+                pe.mul_(0.5).add_(p, alpha=0.5)
+        saver.save(model, opt, epoch=it, iteration=it, metric=m, best_metric=best, ema=ema_model, ema_metric=em,
+                   ema_best_metric=ema_best)
+        best = m if best is None else min(best, m)
+        ema_best = em if ema_best is None else min(ema_best, em)
+        follower.poll()
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint_score_*.pt"))
+    assert kept == ["checkpoint_score_-0.4500_it5.pt", "checkpoint_score_-0.5000.pt", "checkpoint_score_-0.6200.pt"]
+    kept_ema = sorted(p.name for p in tmp_path.glob("checkpoint_ema_score_*.pt"))
+    assert kept_ema == ["checkpoint_ema_score_-0.5000.pt", "checkpoint_ema_score_-0.5500.pt",
+                        "checkpoint_ema_score_-0.6000.pt"]
+    assert sorted(follower.member_names("model")) == kept and sorted(follower.member_names("ema")) == kept_ema
+    for stream, avg_name in (("model", "checkpoint_avg.pt"), ("ema", "checkpoint_ema_avg.pt")):
+        avg = open_checkpoint(tmp_path / avg_name).weights
+        expected = follower.average(stream)
+        assert sorted(avg) == sorted(expected)
+        for k, t in avg.items():
+            assert torch.allclose(t, expected[k], atol=1e-6) if t.is_floating_point() else torch.equal(t, expected[k])
+    assert not list(tmp_path.glob(".ckptd-tmp-*"))

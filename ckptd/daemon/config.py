@@ -23,25 +23,20 @@ from ckptd.daemon.config_checks import (
     check_formats,
     check_int,
     check_listen,
-    check_mapping,
     check_regex_safe_sources,
-    check_shape,
     check_str,
     check_str_list,
 )
+from ckptd.daemon.config_coreml import CoremlPolicy, InputSpec, parse_coreml  # noqa: F401 (re-exported)
 from ckptd.errors import ConfigError
 from ckptd.metric_sources import ValueSource, parse_source
+from ckptd.trainers import PRESETS, STREAM_NAMES, TRAINERS, PlanSettings, RunPlan, plan_run
+from ckptd.trainers.presets import PLAIN_INCLUDE, PLAIN_METRIC, PLAIN_STEP
 from ckptd.units import parse_duration
 
-DEFAULT_METRIC_SOURCES = (
-    {"checkpoint": "metric"},
-    {"filename": r"score_(?P<metric>[-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"},
-)
-DEFAULT_STEP_SOURCES = (
-    {"checkpoint": "iterations"}, {"checkpoint": "global_step"}, {"checkpoint": "step"},
-    {"trainer_state": "global_step"},
-    {"filename": r"(?:step|checkpoint)[=_-]?(?P<step>[0-9]+)"},
-)
+# the generic defaults are the plain preset's (one source of truth: ckptd/trainers/presets.py)
+DEFAULT_METRIC_SOURCES = PLAIN_METRIC
+DEFAULT_STEP_SOURCES = PLAIN_STEP
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 TEMP_EXCLUDES = ("*.tmp", ".*", "tmp-*", "*.orbax-checkpoint-tmp-*", "*.partial", "*~")
 
@@ -64,6 +59,7 @@ class WeightsPolicy:
 class MetricPolicy:
     mode: str = "max"
     sources: tuple[ValueSource, ...] = ()
+    name: str = ""  # the metric as the user knows it; the trainer preset says where it lives
 
 
 @dataclass(frozen=True)
@@ -77,38 +73,6 @@ class AveragePolicy:
 class ModelOnlyPolicy:
     dtype: str = "keep"
     formats: tuple[str, ...] = ("safetensors",)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    shape: tuple[Any, ...]
-    kind: str = "tensor"
-    dtype: str = "float32"
-    scale: float = 1.0
-    bias: tuple[float, ...] = ()
-    color_layout: str = "RGB"
-    enumerated_shapes: tuple[tuple[int, ...], ...] = ()
-
-
-@dataclass(frozen=True)
-class CoremlPolicy:
-    enabled: bool = False
-    source: str = "best"
-    factory: str = ""
-    factory_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    python_path: tuple[str, ...] = ()
-    inputs: tuple[InputSpec, ...] = ()
-    outputs: tuple[str, ...] = ()
-    precision: str = "float16"
-    minimum_deployment_target: str = "iOS17"
-    timeout: float = 600.0
-    keep: int = 3
-    compression: str = "none"
-    publish_partial: bool = False
-    author: str = ""
-    version: str = ""
-    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,9 +105,11 @@ class Policy:
     step_sources: tuple[ValueSource, ...] = ()
     average: AveragePolicy = AveragePolicy()
     model_only: ModelOnlyPolicy = ModelOnlyPolicy()
-    coreml: CoremlPolicy = CoremlPolicy()
+    coreml: CoremlPolicy = field(default_factory=CoremlPolicy)
     hooks: HooksPolicy = HooksPolicy()
     retention: RetentionPolicy = RetentionPolicy()
+    streams_off: tuple[str, ...] = ()  # streams: {ema: false}
+    explicit: frozenset[str] = frozenset()  # keys the user set ("metric.sources", "weights.key", …): they win
 
 
 @dataclass(frozen=True)
@@ -151,7 +117,7 @@ class Watch:
     name: str
     root: Path
     runs: str = "*"
-    include: tuple[str, ...] = ("*.pt", "*.pth", "*.ckpt", "*.bin", "*.safetensors")
+    include: tuple[str, ...] = PLAIN_INCLUDE
     exclude: tuple[str, ...] = TEMP_EXCLUDES
     mode: str = "auto"
     poll_interval: float = 30.0
@@ -160,6 +126,8 @@ class Watch:
     policy: str = "default"
     max_depth: int = 3
     allow_output_in_root: bool = False
+    trainer: str = "auto"  # a preset name (ckptd/trainers/presets.py) or auto
+    explicit: frozenset[str] = frozenset()  # keys the user set ("include"): they win over the preset
 
     @property
     def output_root(self) -> Path:
@@ -186,7 +154,7 @@ class Config:
 def _policy(name: str, data: Any, problems: Problems) -> Policy:
     path = f"policies.{name}"
     sec = Section(data, path, problems, ("weights", "metric", "step", "average", "model_only", "export", "hooks",
-                                          "retention"))
+                                          "retention", "streams"))
     w = Section(sec.data.get("weights"), f"{path}.weights", problems,
                  ("key", "strip_prefixes", "prefer_ema", "allow_globals"))
     weights = WeightsPolicy(
@@ -195,8 +163,9 @@ def _policy(name: str, data: Any, problems: Problems) -> Policy:
         prefer_ema=w.get("prefer_ema", False, check_bool, "true or false"),
         allow_globals=w.get("allow_globals", (), check_str_list, "a list of dotted names"),
     )
-    m = Section(sec.data.get("metric"), f"{path}.metric", problems, ("mode", "sources"))
+    m = Section(sec.data.get("metric"), f"{path}.metric", problems, ("name", "mode", "sources"))
     metric = MetricPolicy(
+        name=m.get("name", "", check_str, "the metric's name, e.g. eval_loss or val_acc"),
         mode=m.get("mode", "max", check_choice("max", "min"), "max or min"),
         sources=m.get("sources", tuple(parse_source(s) for s in DEFAULT_METRIC_SOURCES), check_regex_safe_sources,
                       "a list of sources like {checkpoint: key.path}, {filename: REGEX}, {sidecar: '{stem}.json'}"),
@@ -221,7 +190,7 @@ def _policy(name: str, data: Any, problems: Problems) -> Policy:
         formats=mo.get("formats", ("safetensors",), check_formats, "a list of safetensors and/or pt"),
     )
     ex = Section(sec.data.get("export"), f"{path}.export", problems, ("coreml",))
-    coreml = _coreml(ex.data.get("coreml"), f"{path}.export.coreml", problems)
+    coreml = parse_coreml(ex.data.get("coreml"), f"{path}.export.coreml", problems)
     h = Section(sec.data.get("hooks"), f"{path}.hooks", problems,
                  ("on_new_best", "on_average", "on_export", "timeout"))
     hooks = HooksPolicy(
@@ -238,68 +207,22 @@ def _policy(name: str, data: Any, problems: Problems) -> Policy:
         min_age=rt.get("min_age", 3600.0, parse_duration, "a duration like 1h"),
         dry_run=rt.get("dry_run", False, check_bool, "true or false"),
     )
+    st = Section(sec.data.get("streams"), f"{path}.streams", problems, STREAM_NAMES)
+    streams_off = tuple(n for n in STREAM_NAMES if not st.get(n, True, check_bool, "true or false"))
+    if streams_off == STREAM_NAMES:
+        problems.add(f"{path}.streams", "switches every stream off; keep at least one")
+    explicit = frozenset(f"{part}.{key}" for part in ("weights", "metric", "step")
+                         if isinstance(sec.data.get(part), Mapping) for key in sec.data[part])
     return Policy(name=name, weights=weights, metric=metric, step_sources=step_sources, average=average,
-                  model_only=model_only, coreml=coreml, hooks=hooks, retention=retention)
-
-
-def _coreml(data: Any, path: str, problems: Problems) -> CoremlPolicy:
-    sec = Section(data, path, problems, (
-        "enabled", "source", "factory", "factory_kwargs", "python_path", "inputs", "outputs", "precision",
-        "minimum_deployment_target", "timeout", "keep", "compression", "publish_partial", "author", "version",
-        "description"))
-    if data is None:
-        return CoremlPolicy()
-    inputs: list[InputSpec] = []
-    raw_inputs = sec.data.get("inputs", [])
-    if not isinstance(raw_inputs, list):
-        problems.add(f"{path}.inputs", "expected a list of inputs")
-        raw_inputs = []
-    for i, item in enumerate(raw_inputs):
-        s = Section(item, f"{path}.inputs[{i}]", problems,
-                     ("name", "shape", "kind", "dtype", "scale", "bias", "color_layout", "enumerated_shapes"))
-        inputs.append(InputSpec(
-            name=s.required("name", check_str, "a name") or f"input_{i}",
-            shape=s.required("shape", check_shape, "a list of positive ints or [min, max] ranges") or (1,),
-            kind=s.get("kind", "tensor", check_choice("tensor", "image"), "tensor or image"),
-            dtype=s.get("dtype", "float32", check_choice("float32", "float16", "int32"), "float32, float16 or int32"),
-            scale=s.get("scale", 1.0, float, "a number"),
-            bias=s.get("bias", (), lambda v: tuple(float(x) for x in v), "a list of numbers"),
-            color_layout=s.get("color_layout", "RGB", check_choice("RGB", "BGR", "G"), "RGB, BGR or G"),
-            enumerated_shapes=s.get("enumerated_shapes", (), lambda v: tuple(tuple(check_shape(x)) for x in v),
-                                    "a list of shapes"),
-        ))
-    factory = sec.get("factory", "", check_str, "'package.module:callable'")
-    policy = CoremlPolicy(
-        enabled=sec.get("enabled", True, check_bool, "true or false"),
-        source=sec.get("source", "best", check_choice("best", "average"), "best or average"),
-        factory=factory,
-        factory_kwargs=MappingProxyType(dict(sec.get("factory_kwargs", {}, check_mapping, "a mapping"))),
-        python_path=sec.get("python_path", (), check_str_list, "a list of directories"),
-        inputs=tuple(inputs),
-        outputs=sec.get("outputs", (), check_str_list, "a list of output names"),
-        precision=sec.get("precision", "float16", check_choice("float16", "float32"), "float16 or float32"),
-        minimum_deployment_target=sec.get("minimum_deployment_target", "iOS17", check_str, "a target like iOS17"),
-        timeout=sec.get("timeout", 600.0, parse_duration, "a duration like 10m"),
-        keep=sec.get("keep", 3, check_int(1), "an integer >= 1"),
-        compression=sec.get("compression", "none", check_choice("none", "int8", "palettize4", "palettize8"),
-                            "none, int8, palettize4 or palettize8"),
-        publish_partial=sec.get("publish_partial", False, check_bool, "true or false"),
-        author=sec.get("author", "", str, "a string"),
-        version=sec.get("version", "", str, "a string"),
-        description=sec.get("description", "", str, "a string"),
-    )
-    if policy.enabled:
-        if not re.fullmatch(r"[\w.]+:[\w.]+", factory or ""):
-            problems.add(f"{path}.factory", "is required when export is enabled, as 'package.module:callable'")
-        if not inputs:
-            problems.add(f"{path}.inputs", "at least one input is required when export is enabled")
-    return policy
+                  model_only=model_only, coreml=coreml, hooks=hooks, retention=retention, streams_off=streams_off,
+                  explicit=explicit)
 
 
 def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any]) -> Watch | None:
     path = f"watches[{i}]"
     sec = Section(data, path, problems, ("name", "root", "runs", "include", "exclude", "mode", "poll_interval",
-                                          "settle", "output", "policy", "max_depth", "allow_output_in_root"))
+                                          "settle", "output", "policy", "max_depth", "allow_output_in_root",
+                                          "trainer"))
     name = sec.required("name", check_str, "a name")
     root = sec.required("root", check_str, "a directory path")
     output = sec.required("output", check_str, "a path template like /srv/ckptd/{watch}/{run}")
@@ -317,6 +240,8 @@ def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any]) -
         policy=sec.get("policy", "default", check_str, "a policy name"),
         max_depth=sec.get("max_depth", 3, check_int(0), "an integer >= 0"),
         allow_output_in_root=sec.get("allow_output_in_root", False, check_bool, "true or false"),
+        trainer=sec.get("trainer", "auto", check_choice(*TRAINERS), " | ".join(TRAINERS)),
+        explicit=frozenset(k for k in ("include",) if k in sec.data),
     )
     if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         problems.add(f"{path}.name", "use letters, digits, '.', '_' or '-' (it is used in paths)")
@@ -340,6 +265,42 @@ def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any]) -
     if watch.policy not in policies and watch.policy != "default":
         problems.add(f"{path}.policy", f"no policy named {watch.policy!r} (defined: {', '.join(policies) or 'none'})")
     return watch
+
+
+def _check_trainer_needs(i: int, watch: Watch, policies: Mapping[str, Policy], problems: Problems) -> None:
+    """A preset whose trainer logs several metrics (HF, Lightning) needs ``metric.name`` unless the policy
+    gives explicit ``metric.sources``; the problem is reported at the policy key, naming the watch."""
+    policy = policies.get(watch.policy)
+    preset = PRESETS.get(watch.trainer)
+    if policy is None or preset is None or not preset.needs_name:
+        return
+    if not policy.metric.name and "metric.sources" not in policy.explicit:
+        problems.add(f"policies.{policy.name}.metric.name",
+                     f"is required by watches[{i}] (trainer: {watch.trainer}): {preset.needs_name}")
+
+
+def plan_settings(watch: Watch, policy: Policy) -> PlanSettings:
+    """What the user set explicitly for this watch and policy, for :func:`ckptd.trainers.plan_run`."""
+    ex = policy.explicit
+    return PlanSettings(
+        trainer=watch.trainer,
+        include=watch.include if "include" in watch.explicit else None,
+        exclude=watch.exclude,
+        max_depth=watch.max_depth,
+        metric_name=policy.metric.name,
+        metric_sources=policy.metric.sources if "metric.sources" in ex else None,
+        step_sources=policy.step_sources if "step.sources" in ex else None,
+        weights_key=policy.weights.key if "weights.key" in ex else None,
+        prefer_ema=policy.weights.prefer_ema if "weights.prefer_ema" in ex else None,
+        streams_off=policy.streams_off,
+        allow_globals=policy.weights.allow_globals,
+        where=f"policies.{policy.name}",
+    )
+
+
+def run_plan(watch: Watch, policy: Policy, run_dir: Path) -> RunPlan:
+    """The trainer plan of one run (detects the trainer when ``trainer: auto``): what the daemon calls per run."""
+    return plan_run(run_dir, plan_settings(watch, policy))
 
 
 def parse_config(data: Any, source: str = "<config>") -> Config:
@@ -369,6 +330,8 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         problems.add("watches", "expected a non-empty list of watches")
         raw_watches = []
     watches = [w for i, item in enumerate(raw_watches) if (w := _watch(i, item, problems, raw_policies))]
+    for i, w in enumerate(watches):
+        _check_trainer_needs(i, w, policies, problems)
     names = [w.name for w in watches]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.add("watches", f"watch name {dup!r} is used more than once")
