@@ -26,6 +26,17 @@ class IncompleteCheckpointError(CheckpointError):
     """Empty or truncated: possibly still being written (the daemon waits for it to change)."""
 
 
+class CheckpointChangedError(CheckpointError):
+    """The file was truncated, rewritten, replaced or deleted while ckptd read it; what was read is discarded.
+
+    Trainers rewrite some files in place (Lightning ``last.ckpt``, ml-cvnets ``*_last.pt``): reading again once
+    the file has settled is the cure, so the daemon retries instead of recording a failure.
+    """
+
+    def __init__(self, path: str | Path, detail: str) -> None:
+        super().__init__(path, f"changed while being read ({detail}); will be retried")
+
+
 class UnsafeCheckpointError(CheckpointError):
     """Loading would need pickle globals outside the weights-only allowlist; nothing was executed."""
 

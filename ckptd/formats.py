@@ -7,9 +7,11 @@ safetensors header states the exact data size, so both checks catch a truncated 
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ckptd.errors import CheckpointError, IncompleteCheckpointError
@@ -26,6 +28,7 @@ class CheckpointFormat(str, enum.Enum):
     TORCH_LEGACY = "torch-legacy"
     SAFETENSORS = "safetensors"
     HF_SHARDED = "hf-sharded"
+    HF_FOLDER = "hf-folder"  # a Trainer checkpoint-N/ (or save_pretrained) folder with one weights file
     DCP = "torch-dcp"
 
     def __str__(self) -> str:
@@ -41,6 +44,25 @@ def hf_index_file(directory: Path) -> Path | None:
     return indexes[0] if indexes else None
 
 
+# Hugging Face file names, in the order HF itself prefers them. Nothing else in such a folder is ever read:
+# optimizer.pt, scheduler.pt, rng_state.pth and training_args.bin (a pickled TrainingArguments) are left alone.
+HF_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+HF_ADAPTER_CONFIG = "adapter_config.json"
+
+
+def hf_weight_file(directory: Path) -> tuple[Path, bool] | None:
+    """(the unsharded weights file, whether it is a PEFT adapter) of a Hugging Face folder, if it is one."""
+    for name in HF_MODEL_FILES:
+        if (directory / name).is_file():
+            return directory / name, False
+    if (directory / HF_ADAPTER_CONFIG).is_file():
+        for name in HF_ADAPTER_FILES:
+            if (directory / name).is_file():
+                return directory / name, True
+    return None
+
+
 def detect_format(path: str | Path) -> CheckpointFormat:
     """Tell which format ``path`` holds, from its magic bytes (not its name)."""
     p = Path(path)
@@ -51,9 +73,12 @@ def detect_format(path: str | Path) -> CheckpointFormat:
             return CheckpointFormat.DCP
         if hf_index_file(p) is not None:
             return CheckpointFormat.HF_SHARDED
+        if hf_weight_file(p) is not None:
+            return CheckpointFormat.HF_FOLDER
         raise CheckpointError(
-            p, "is a directory but neither a torch.distributed.checkpoint folder (.metadata) "
-            "nor a Hugging Face sharded folder (*.index.json)"
+            p, "is a directory but not a checkpoint folder: no torch.distributed.checkpoint .metadata, no Hugging "
+            "Face *.index.json, model.safetensors or pytorch_model.bin, and no adapter_model.safetensors/.bin "
+            "with adapter_config.json"
         )
     try:
         size = p.stat().st_size
@@ -85,6 +110,10 @@ def check_complete(path: str | Path) -> CheckpointFormat:
     elif fmt is CheckpointFormat.HF_SHARDED:
         for shard in hf_shard_files(p):
             check_complete(shard)
+    elif fmt is CheckpointFormat.HF_FOLDER:
+        found = hf_weight_file(p)
+        assert found is not None
+        check_complete(found[0])
     elif fmt is CheckpointFormat.DCP:
         if (p / ".metadata").stat().st_size == 0:
             raise IncompleteCheckpointError(p, ".metadata is empty: the checkpoint is still being written")
@@ -111,36 +140,51 @@ def safetensors_header(path: str | Path) -> dict:
     try:
         size = p.stat().st_size
         with open(p, "rb") as fh:
-            raw_len = fh.read(8)
-            if len(raw_len) < 8:
-                raise IncompleteCheckpointError(p, "is truncated: safetensors header length missing")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > _SAFETENSORS_MAX_HEADER or 8 + n > size:
-                raise IncompleteCheckpointError(
-                    p, f"is truncated or corrupt: safetensors header of {n} bytes exceeds the file")
-            header = json.loads(fh.read(n))
+            header, _ = parse_safetensors_header(p, size, lambda offset, n: (fh.seek(offset), fh.read(n))[1])
     except OSError as exc:
         raise CheckpointError(p, f"cannot be read: {exc}") from exc
+    return header
+
+
+def parse_safetensors_header(p: Path, size: int, read: Callable[[int, int], bytes]) -> tuple[dict, int]:
+    """(header, offset of the data) of a safetensors file of ``size`` bytes, read through ``read(offset, n)``.
+    Every tensor's byte range must lie inside the data and not overlap another, so a lying header cannot make a
+    reader allocate or read past the end; the data must end exactly at the end of the file."""
+    raw_len = read(0, 8) if size >= 8 else b""
+    if len(raw_len) < 8:
+        raise IncompleteCheckpointError(p, "is truncated: safetensors header length missing")
+    (n,) = struct.unpack("<Q", raw_len)
+    if n > _SAFETENSORS_MAX_HEADER or 8 + n > size:
+        raise IncompleteCheckpointError(p, f"is truncated or corrupt: safetensors header of {n} bytes exceeds the file")
+    try:
+        header = json.loads(read(8, n))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(p, f"is corrupt: safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(p, "is corrupt: safetensors header is not a JSON object")
-    end = 0
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            _start, stop = info["data_offsets"]
+            start, stop = (int(x) for x in info["data_offsets"])
         except (TypeError, KeyError, ValueError) as exc:
             raise CheckpointError(p, f"is corrupt: tensor {name!r} has no valid data_offsets") from exc
-        end = max(end, int(stop))
+        if not 0 <= start <= stop:
+            raise CheckpointError(p, f"is corrupt: tensor {name!r} has data_offsets {start}..{stop}")
+        ranges.append((start, stop, name))
+    ranges.sort()
+    for (_, prev_stop, prev), (start, _, name) in itertools.pairwise(ranges):
+        if start < prev_stop:
+            raise CheckpointError(p, f"is corrupt: tensors {prev!r} and {name!r} overlap")
+    end = max((stop for _, stop, _ in ranges), default=0)
     expected = 8 + n + end
     if expected != size:
         if size < expected:
             raise IncompleteCheckpointError(
                 p, f"is truncated (still being written?): safetensors header says {expected} bytes, file has {size}")
         raise CheckpointError(p, f"has trailing bytes: safetensors header says {expected} bytes, file has {size}")
-    return header
+    return header, 8 + n
 
 
 def hf_shard_files(directory: str | Path) -> list[Path]:

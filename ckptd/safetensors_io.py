@@ -2,8 +2,11 @@
 
 The layout is simple (8-byte header length, JSON header with dtype/shape/offsets, raw little-endian data), so
 we stream it ourselves: the writer computes the header from (name, dtype, shape) up front and then appends each
-tensor's bytes as they are produced (in chunks if needed); the reader maps the file and hands out zero-copy
-tensors. Files are validated by the official ``safetensors`` package in the tests.
+tensor's bytes as they are produced (in chunks if needed). Two readers: :func:`open_safetensors` maps the file and
+hands out zero-copy tensors — only for files ckptd wrote itself (its outputs are never rewritten in place; a
+trainer's file rewritten under a map kills the process with SIGBUS); :func:`read_safetensors_placeholders` is for
+everyone else's files: placeholders first, then ordinary reads of only the tensors picked. Files are validated by
+the official ``safetensors`` package in the tests.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch
 
 from ckptd.atomic import atomic_open
 from ckptd.errors import CheckpointError
-from ckptd.formats import safetensors_header
+from ckptd.file_source import FileSource, LazyTensors, StorageRef, TensorRef
+from ckptd.formats import parse_safetensors_header, safetensors_header
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -129,7 +133,8 @@ class MappedSafetensors:
 
 
 def open_safetensors(path: str | Path) -> MappedSafetensors:
-    """Map a safetensors file; tensors are zero-copy views whose pages are read only when touched."""
+    """Map a safetensors file ckptd wrote; tensors are zero-copy views whose pages are read only when touched.
+    Never for a trainer's file (see the module docstring): use :func:`read_safetensors_placeholders`."""
     p = Path(path)
     header = safetensors_header(p)
     metadata = header.pop("__metadata__", None) or {}
@@ -146,10 +151,35 @@ def open_safetensors(path: str | Path) -> MappedSafetensors:
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(p, f"is corrupt: bad header entry for tensor {name!r} ({exc})") from None
         count = math.prod(shape)
-        if stop - start != count * torch.empty((), dtype=dtype).element_size():
+        if stop - start != count * dtype.itemsize:
             raise CheckpointError(p, f"is corrupt: tensor {name!r} size disagrees with its shape {shape}")
         if count == 0 or mm is None:
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
             tensors[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start).reshape(shape)
     return MappedSafetensors(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()})
+
+
+def read_safetensors_placeholders(source: FileSource, lazy: LazyTensors) -> tuple[dict[str, torch.Tensor],
+                                                                                  dict[str, str]]:
+    """(name -> placeholder tensor, metadata) of a safetensors file opened with ordinary reads; the tensors'
+    bytes are read later by ``lazy.materialize``, only for those asked for."""
+    p = source.path
+    header, base = parse_safetensors_header(p, source.size, lambda offset, n: source.read(offset, n, "header"))
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(p, "is corrupt: safetensors __metadata__ is not an object")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        try:
+            dtype = ST_TO_DTYPE[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, stop = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(p, f"is corrupt: bad header entry for tensor {name!r} ({exc})") from None
+        if any(n < 0 for n in shape) or stop - start != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(p, f"is corrupt: tensor {name!r} size disagrees with its shape {shape}")
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        ref = TensorRef(StorageRef(source, base + start, stop - start, name), dtype, shape, stride, 0)
+        tensors[name] = lazy.placeholder(ref)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}

@@ -1,14 +1,13 @@
-"""Open any supported checkpoint and get its model-only weights, lazily; write them out with provenance.
+"""Open any supported checkpoint and get its model-only weights; write them out with provenance.
 
-This is the one entry point both the CLI and the daemon use to read a checkpoint. Tensors come back mapped
-(zip files via ``torch.load(mmap=True)``, safetensors via our own zero-copy reader), so callers only pay for the
-bytes they touch.
+This is the one entry point both the CLI and the daemon use to read a checkpoint. :mod:`ckptd.reader` does the
+work: ordinary reads (never a memory map of a trainer's file), only the model's bytes, and a content hash of them.
+:func:`open_checkpoint` is the one-call form that returns a :class:`Checkpoint` with real tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +17,17 @@ import torch
 
 from ckptd import __version__
 from ckptd.atomic import atomic_torch_save
-from ckptd.errors import CheckpointError, WeightsNotFoundError
-from ckptd.formats import CheckpointFormat, detect_format, hf_index_file, hf_shard_files
-from ckptd.layouts import DEFAULT_STRIP_PREFIXES, find_model_weights
-from ckptd.safe_load import load_dcp, load_torch
-from ckptd.safetensors_io import open_safetensors, save_safetensors
+from ckptd.formats import CheckpointFormat
+from ckptd.layouts import DEFAULT_STRIP_PREFIXES
+from ckptd.reader import read_checkpoint
+from ckptd.safetensors_io import save_safetensors
 
 
 @dataclass
 class Checkpoint:
-    """A checkpoint opened for reading. ``obj`` is the whole loaded object (for metric/step lookup)."""
+    """A checkpoint read for its weights. ``obj`` is the whole loaded object (for metric/step lookup; tensors
+    other than the weights may be ``meta`` placeholders); ``weights`` are real CPU tensors; ``content_sha256``
+    identifies them (see :func:`ckptd.reader.content_sha256`)."""
 
     path: Path
     format: CheckpointFormat
@@ -37,6 +37,7 @@ class Checkpoint:
     layout: str = ""
     stripped: tuple[str, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
+    content_sha256: str = ""
 
 
 def open_checkpoint(
@@ -48,50 +49,21 @@ def open_checkpoint(
     allow_globals: Sequence[str | Any] = (),
     map_location: Any = "cpu",
 ) -> Checkpoint:
-    """Load ``path`` safely and locate its model weights. Raises :class:`CheckpointError` subclasses."""
+    """Load ``path`` safely and read its model weights. Raises :class:`CheckpointError` subclasses."""
     p = Path(path)
-    fmt, obj, metadata = load_object(p, allow_globals=allow_globals, map_location=map_location)
-    try:
-        found = find_model_weights(obj, key=key, prefer_ema=prefer_ema, strip=strip_prefixes)
-    except LookupError as exc:
-        raise WeightsNotFoundError(p, str(exc)) from None
-    return Checkpoint(path=p, format=fmt, obj=obj, weights=found.state, key=found.key, layout=found.layout,
-                      stripped=found.stripped, metadata=metadata)
+    with read_checkpoint(p, allow_globals=allow_globals, map_location=map_location) as reader:
+        found = reader.weights(key=key, prefer_ema=prefer_ema, strip_prefixes=strip_prefixes)
+        return Checkpoint(path=p, format=reader.format, obj=reader.obj, weights=found.state, key=found.key,
+                          layout=found.layout, stripped=found.stripped, metadata=reader.metadata,
+                          content_sha256=found.content_sha256)
 
 
 def load_object(path: str | Path, *, allow_globals: Sequence[str | Any] = (),
                 map_location: Any = "cpu") -> tuple[CheckpointFormat, Any, dict[str, str]]:
-    """(format, the whole loaded object, safetensors metadata) for any supported checkpoint, loaded safely."""
-    p = Path(path)
-    fmt = detect_format(p)
-    if fmt in (CheckpointFormat.TORCH_ZIP, CheckpointFormat.TORCH_LEGACY):
-        return fmt, load_torch(p, allow_globals=allow_globals, map_location=map_location), {}
-    if fmt is CheckpointFormat.SAFETENSORS:
-        mapped = open_safetensors(p)
-        return fmt, mapped.tensors, mapped.metadata
-    if fmt is CheckpointFormat.HF_SHARDED:
-        return fmt, _load_hf_sharded(p, allow_globals, map_location), {}
-    return fmt, load_dcp(p), {}
-
-
-def _load_hf_sharded(directory: Path, allow_globals: Sequence[str | Any], map_location: Any) -> dict[str, Any]:
-    merged: dict[str, torch.Tensor] = {}
-    for shard in hf_shard_files(directory):
-        if detect_format(shard) is CheckpointFormat.SAFETENSORS:
-            part: Mapping[str, Any] = open_safetensors(shard).tensors
-        else:
-            part = load_torch(shard, allow_globals=allow_globals, map_location=map_location)
-        for name, tensor in part.items():
-            if name in merged:
-                raise CheckpointError(directory, f"tensor {name!r} appears in more than one shard")
-            merged[name] = tensor
-    index = hf_index_file(directory)
-    assert index is not None
-    expected = set(json.loads(index.read_text())["weight_map"])
-    missing = expected - set(merged)
-    if missing:
-        raise CheckpointError(directory, f"shards lack tensors listed in {index.name}: {sorted(missing)[:5]}")
-    return merged
+    """(format, the whole loaded object, safetensors metadata) for any supported checkpoint, loaded safely.
+    Only tiny tensors are read (enough for metrics); the others are ``meta`` placeholders."""
+    with read_checkpoint(path, allow_globals=allow_globals, map_location=map_location) as reader:
+        return reader.format, reader.obj, reader.metadata
 
 
 def file_sha256(path: str | Path, chunk: int = 8 << 20, progress: Callable[[int, int], None] | None = None) -> str:
@@ -163,6 +135,7 @@ def extract_weights(source: str | Path, output: str | Path, *, key: str = "auto"
     writing = (lambda d, t: progress("writing", d, t)) if progress else None
     sha = file_sha256(source, progress=hashing) if hash_source else None
     md = provenance_metadata(Path(source).resolve(), sha256=sha, metric=metric, step=step,
-                             extra={"layout": ckpt.layout, "key": ckpt.key or "."})
+                             extra={"layout": ckpt.layout, "key": ckpt.key or ".",
+                                    "source_content_sha256": ckpt.content_sha256})
     write_weights(output, cast_floating(ckpt.weights, dtype), metadata=md, progress=writing)
     return ckpt

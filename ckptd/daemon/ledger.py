@@ -61,7 +61,7 @@ _MIGRATE_FROM_1 = {
                "started_at, finished_at",
 }
 
-FINAL_STATUSES = ("done", "invalid", "unranked", "duplicate", "skipped", "pruned")
+FINAL_STATUSES = ("done", "invalid", "unranked", "duplicate", "skipped", "pruned", "resume")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ and recovery (``ckptd.daemon.recovery``) republishes from the ledger if it got a
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -37,11 +38,19 @@ from ckptd.daemon.outputs import (
 from ckptd.daemon.policy import Decision, Record, decide, ranked
 from ckptd.daemon.retention import Known, select_prunable
 from ckptd.daemon.telemetry import Metrics, rejection_reason
-from ckptd.errors import CheckpointError, CkptdError, IncompleteCheckpointError, NonFiniteError
+from ckptd.errors import (
+    CheckpointChangedError,
+    CheckpointError,
+    CkptdError,
+    IncompleteCheckpointError,
+    NonFiniteError,
+    WeightsNotFoundError,
+)
 from ckptd.formats import check_complete, safetensors_header
-from ckptd.metric_sources import first_value
+from ckptd.metric_sources import ValueSource, first_value
 from ckptd.model_state import compare_state
-from ckptd.weights import file_sha256, open_checkpoint
+from ckptd.reader import read_checkpoint
+from ckptd.trainers import StreamPlan, pick_weights
 
 MAX_ATTEMPTS = 3  # a checkpoint that makes processing fail this often is recorded invalid: it never blocks its run
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
@@ -55,6 +64,20 @@ class RunContext:
     run_dir: Path
     output: Path
     stream: str = "model"
+    plan: StreamPlan | None = None  # the trainer preset's view of this stream (None: the policy alone decides)
+    allow_globals: tuple[str, ...] = ()  # data-only types the trainer's files need (from the preset)
+
+    @property
+    def metric_sources(self) -> tuple[ValueSource, ...]:
+        return self.plan.metric_sources if self.plan is not None else self.policy.metric.sources
+
+    @property
+    def step_sources(self) -> tuple[ValueSource, ...]:
+        return self.plan.step_sources if self.plan is not None else self.policy.step_sources
+
+
+class NotInStream(CkptdError):
+    """The file has no weights for this (optional) stream: e.g. a timm checkpoint saved without EMA."""
 
 
 class OutputUnavailable(CkptdError):
@@ -200,12 +223,22 @@ class RunProcessor:
 
     # --- processing ---------------------------------------------------------------------------------------
     def _load(self, path: Path) -> Loaded:
-        w = self.ctx.policy.weights
-        ckpt = open_checkpoint(path, key=w.key, prefer_ema=w.prefer_ema, strip_prefixes=w.strip_prefixes,
-                               allow_globals=w.allow_globals)
-        sha = getattr(ckpt, "content_sha256", None) or file_sha256(path)
-        weights = {k: v.detach().clone() for k, v in ckpt.weights.items()}
-        return Loaded(weights, ckpt.obj, ckpt.metadata, ckpt.layout, sha)
+        """Read the candidate once, with ordinary reads (never a memory map of a trainer's file), only this
+        stream's model bytes; raises CheckpointChangedError when the file changes meanwhile."""
+        w, plan = self.ctx.policy.weights, self.ctx.plan
+        allow = (*w.allow_globals, *self.ctx.allow_globals)
+        with read_checkpoint(path, allow_globals=allow) as reader:
+            key, prefer_ema = w.key, w.prefer_ema
+            if plan is not None:
+                pick = pick_weights(plan, reader.obj)
+                if pick is None:
+                    if plan.optional:
+                        raise NotInStream(f"no {plan.name} weights in this file")
+                    raise WeightsNotFoundError(path, f"has no weights for the {plan.name} stream "
+                                                     f"({plan.about or 'see the trainer preset'})")
+                key, prefer_ema = pick.key, pick.prefer_ema
+            found = reader.weights(key=key, prefer_ema=prefer_ema, strip_prefixes=w.strip_prefixes)
+            return Loaded(found.state, reader.obj, reader.metadata, found.layout, found.content_sha256)
 
     def known(self, obs: Observation) -> bool:
         """Already processed to a final status (this content, at this path)?"""
@@ -240,6 +273,15 @@ class RunProcessor:
         if outcome in ("done", "skipped", "duplicate", "unranked"):
             self.metrics.success("process")
         return outcome
+
+    def record_resume(self, obs: Observation) -> None:
+        """A trainer's resume state (e.g. ml-cvnets' training_checkpoint_*.pt: its best_metric is the best so
+        far, not its own): recorded so status and --explain show it, never loaded or ranked."""
+        if self.known(obs):
+            return
+        self._record(obs, status="resume", reason=f"resume state: {obs.resume}; not ranked")
+        self._final[str(obs.path)] = obs.signature
+        self.log.info("checkpoint.resume_state", checkpoint=str(obs.path), action="record", reason=obs.resume)
 
     def _failed(self, obs: Observation, exc: Exception) -> str:
         reason = f"{type(exc).__name__}: {exc}"
@@ -288,18 +330,27 @@ class RunProcessor:
             return "incomplete"
         except CheckpointError:
             pass  # corrupt or foreign: the load below reports it, once, as invalid
+        outside = _outside(path, self.ctx.watch.root)
+        if outside:
+            self.log.error("checkpoint.invalid", checkpoint=str(path), action="ignore", reason=outside)
+            return self._invalid(obs, outside)
         try:
             loaded = self._load(path)
+        except NotInStream as exc:
+            self._record(obs, status="skipped", reason=str(exc))
+            self._final[str(path)] = obs.signature
+            self.log.debug("checkpoint.skipped", checkpoint=str(path), action="skip", reason=str(exc))
+            return "skipped"
         except (CheckpointError, OSError) as exc:
-            if not _unchanged(obs) or getattr(exc, "retry", False):
+            if not _unchanged(obs) or isinstance(exc, CheckpointChangedError):
                 self.log.info("checkpoint.changed", checkpoint=str(path), action="retry",
                               reason="the file changed or vanished while being read")
                 return "retry"
             reason = exc.reason if isinstance(exc, CheckpointError) else str(exc)
             self.log.error("checkpoint.invalid", checkpoint=str(path), action="ignore", reason=reason)
             return self._invalid(obs, reason)
-        metric, metric_src = first_value(self.ctx.policy.metric.sources, path, loaded.obj, loaded.metadata, "metric")
-        step_value, _ = first_value(self.ctx.policy.step_sources, path, loaded.obj, loaded.metadata, "step")
+        metric, metric_src = first_value(self.ctx.metric_sources, path, loaded.obj, loaded.metadata, "metric")
+        step_value, _ = first_value(self.ctx.step_sources, path, loaded.obj, loaded.metadata, "step")
         step = None if step_value is None else int(step_value)
         if not _unchanged(obs):
             self.log.info("checkpoint.changed", checkpoint=str(path), action="retry",
@@ -445,6 +496,15 @@ def apply_retention(processor: RunProcessor, now: float) -> int:
         processor.log.info("retention.deleted", checkpoint=str(path), action="delete", reason=reason)
         deleted += 1
     return deleted
+
+
+def _outside(path: Path, root: Path) -> str:
+    """Why a candidate must not be read because it leads outside its watch root (a symlink), or ''."""
+    real = os.path.realpath(path)
+    root_real = os.path.realpath(root)
+    if real != root_real and not real.startswith(root_real.rstrip("/") + "/"):
+        return f"leads outside the watch root {root} (to {real}); not read"
+    return ""
 
 
 def _unchanged(obs: Observation) -> bool:
