@@ -3,11 +3,14 @@
 Floating tensors are accumulated in float64 and cast back to each tensor's own dtype (or a requested one);
 integer/bool buffers such as ``num_batches_tracked`` are never averaged: they come from the reference (best)
 checkpoint. Peak memory is one float64 chunk plus one output chunk, independent of the number of inputs and of
-the model size; inputs are memory-mapped so only their weight bytes are read.
+the model size: a trainer's file is read chunk by chunk with ordinary reads (``StreamedWeights.read_flat``; never
+memory-mapped, so a file rewritten in place cannot kill the process), and only its weight bytes are read;
+ckptd's own immutable files (the daemon's member copies) may be passed mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +22,9 @@ import torch
 from ckptd.atomic import atomic_open, atomic_torch_save
 from ckptd.errors import NonFiniteError, WeightsMismatchError
 from ckptd.layouts import DEFAULT_STRIP_PREFIXES
+from ckptd.reader import read_checkpoint
 from ckptd.safetensors_io import SafetensorsStreamWriter, TensorSpec
-from ckptd.weights import Checkpoint, open_checkpoint
+from ckptd.weights import Checkpoint
 
 DEFAULT_CHUNK_ELEMS = 1 << 18  # 2 MiB of float64 accumulator
 Progress = Callable[[int, int], None]
@@ -79,10 +83,11 @@ def average_states(names: Sequence[str], states: Sequence[Mapping[str, torch.Ten
     acc_buf = torch.empty(size, dtype=torch.float64)
     stage_buf = torch.empty(size, dtype=torch.float64)
     out_bufs: dict[torch.dtype, torch.Tensor] = {}
+    scratch: dict[torch.dtype, torch.Tensor] = {}  # read buffers for streamed inputs, one per dtype
     averaged = copied = 0
     for key, ref_t in ref.items():
         if not ref_t.is_floating_point():
-            write(key, ref_t)
+            write(key, _FlatReader(ref, key).chunk(0, ref_t.numel()).reshape(ref_t.shape))
             copied += 1
             done += ref_t.numel()
             continue
@@ -90,14 +95,14 @@ def average_states(names: Sequence[str], states: Sequence[Mapping[str, torch.Ten
         out_buf = out_bufs.get(out_dtype)
         if out_buf is None:
             out_buf = out_bufs[out_dtype] = torch.empty(size, dtype=out_dtype)
-        flats = [s[key].reshape(-1) for s in states]
+        flats = [_FlatReader(s, key, scratch) for s in states]
         numel = ref_t.numel()
         for start in range(0, numel, chunk_elems):
             stop = min(start + chunk_elems, numel)
             acc, stage = acc_buf[: stop - start], stage_buf[: stop - start]
-            acc.copy_(flats[0][start:stop])
+            acc.copy_(flats[0].chunk(start, stop))
             for f in flats[1:]:
-                stage.copy_(f[start:stop])
+                stage.copy_(f.chunk(start, stop))
                 acc.add_(stage)
             # NaN/Inf anywhere propagate into the sum: one scalar check instead of a mask per chunk
             if not math.isfinite(float(acc.sum())):
@@ -115,9 +120,34 @@ def average_states(names: Sequence[str], states: Sequence[Mapping[str, torch.Ten
     return averaged, copied
 
 
-def _non_finite(key: str, names: Sequence[str], flats: Sequence[torch.Tensor], start: int, stop: int) -> NonFiniteError:
+class _FlatReader:
+    """Chunks of one tensor, flattened row-major: sliced from a real (or ckptd-mapped) tensor, or read from a
+    trainer's file on demand (``StreamedWeights``), so k inputs never mean k models in memory."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], key: str,
+                 scratch: dict[torch.dtype, torch.Tensor] | None = None) -> None:
+        self._read = getattr(state, "read_flat", None)
+        self._key = key
+        self._dtype = state[key].dtype
+        self._scratch = scratch  # shared per dtype, so streamed reads allocate nothing per chunk
+        self._flat = None if self._read is not None else state[key].reshape(-1)
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor:
+        if self._flat is not None:
+            return self._flat[start:stop]
+        assert self._read is not None
+        out = None
+        if self._scratch is not None:
+            buf = self._scratch.get(self._dtype)
+            if buf is None or buf.numel() < stop - start:
+                buf = self._scratch[self._dtype] = torch.empty(max(stop - start, 1), dtype=self._dtype)
+            out = buf[: stop - start]
+        return self._read(self._key, start, stop, out)
+
+
+def _non_finite(key: str, names: Sequence[str], flats: Sequence[_FlatReader], start: int, stop: int) -> NonFiniteError:
     for name, f in zip(names, flats):
-        if not bool(torch.isfinite(f[start:stop]).all()):
+        if not bool(torch.isfinite(f.chunk(start, stop)).all()):
             return NonFiniteError(f"key {key!r} holds NaN/Inf in {name}: refusing to average it")
     return NonFiniteError(f"key {key!r} overflows to Inf when averaged (values too large)")
 
@@ -144,11 +174,32 @@ def average_checkpoints(
         raise ValueError("no checkpoints to average")
     if not 0 <= reference < len(sources):
         raise ValueError(f"reference index {reference} out of range for {len(sources)} checkpoints")
-    ckpts = [s if isinstance(s, Checkpoint) else
-             open_checkpoint(s, key=key, prefer_ema=prefer_ema, strip_prefixes=strip_prefixes,
-                             allow_globals=allow_globals) for s in sources]
-    names = [str(c.path) for c in ckpts]
-    states = [c.weights for c in ckpts]
+    with contextlib.ExitStack() as stack:
+        names: list[str] = []
+        states: list[Mapping[str, torch.Tensor]] = []
+        for s in sources:
+            if isinstance(s, Checkpoint):
+                names.append(str(s.path))
+                states.append(s.weights)
+                continue
+            reader = stack.enter_context(read_checkpoint(s, allow_globals=allow_globals))
+            names.append(str(reader.path))
+            states.append(reader.stream_weights(key=key, prefer_ema=prefer_ema, strip_prefixes=strip_prefixes))
+
+        def verify() -> None:
+            """A file rewritten while it was averaged: raise before the output is published (the caller retries)."""
+            for st in states:
+                check = getattr(getattr(st, "reader", None), "verify_unchanged", None)
+                if check is not None:
+                    check()
+
+        return _average_into(names, states, output, reference=reference, dtype=dtype, metadata=metadata,
+                             chunk_elems=chunk_elems, progress=progress, verify=verify)
+
+
+def _average_into(names: list[str], states: list[Mapping[str, torch.Tensor]], output: str | Path, *,
+                  reference: int, dtype: torch.dtype | None, metadata: Mapping[str, str] | None,
+                  chunk_elems: int, progress: Progress | None, verify: Callable[[], None]) -> AverageResult:
     check_compatible(names, states, reference)
     out = Path(output)
     result = AverageResult(output=out, sources=names, reference=names[reference], keys=list(states[reference]))
@@ -162,11 +213,13 @@ def average_checkpoints(
             result.averaged, result.copied = average_states(names, states, writer.write, reference=reference,
                                                             dtype=dtype, chunk_elems=chunk_elems, progress=progress)
             writer.close()
+            verify()
     else:
         parts: dict[str, list[torch.Tensor]] = {}
         result.averaged, result.copied = average_states(
             names, states, lambda k, t: parts.setdefault(k, []).append(t.clone()), reference=reference,
             dtype=dtype, chunk_elems=chunk_elems, progress=progress)
+        verify()
         ref = states[reference]
         atomic_torch_save({k: torch.cat(v).reshape(ref[k].shape) if len(v) > 1 else v[0].reshape(ref[k].shape)
                            for k, v in parts.items()}, out)

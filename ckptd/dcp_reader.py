@@ -145,7 +145,7 @@ class DcpFolder:
         self._load(template)
         return {name: template[fqn] for name, fqn in fqns.items()}
 
-    def read_flat(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def read_flat(self, tensor: torch.Tensor, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of one placeholder, flattened (the item is loaded whole once, then kept
         until another is asked for: DCP reads items, not byte ranges)."""
         if self._last is None or self._last[0] is not tensor:

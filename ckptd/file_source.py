@@ -205,7 +205,7 @@ class LazyTensors:
         out.update(self._read(refs))
         return {name: out[name] for name in tensors}
 
-    def read_flat(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def read_flat(self, tensor: torch.Tensor, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of ``tensor`` flattened in row-major order, as a new 1-D CPU tensor: for a
         contiguous tensor only those bytes are read (averaging streams k checkpoints chunk by chunk this way);
         a strided one is read whole once and kept until another tensor is asked for."""
@@ -217,7 +217,9 @@ class LazyTensors:
             raise IndexError(f"elements {start}..{stop} of a tensor of {numel}")
         if ref.stride == _contiguous_strides(ref.size):
             item, storage = _itemsize(ref.dtype), ref.storage
-            buf = torch.empty((stop - start) * item, dtype=torch.uint8)
+            usable = out is not None and out.dtype == ref.dtype and out.is_contiguous() and out.numel() == stop - start
+            # reading into the caller's scratch buffer: no allocation per chunk (averaging k files chunk by chunk)
+            buf = out.view(torch.uint8).reshape(-1) if usable else torch.empty((stop - start) * item, dtype=torch.uint8)
             storage.source.read_into(buf, storage.offset + (ref.storage_offset + start) * item,
                                      f"storage {storage.key}")
             return _byteswapped(buf, storage.swap).view(ref.dtype)

@@ -67,7 +67,8 @@ def content_sha256(state: Mapping[str, torch.Tensor]) -> str:
 
 class _Backend(Protocol):
     def materialize(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
-    def read_flat(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
+    def read_flat(self, tensor: torch.Tensor, start: int, stop: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor: ...
     def verify_unchanged(self) -> None: ...
     def close(self) -> None: ...
 
@@ -87,8 +88,9 @@ class _Files:
     def materialize(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.lazy.materialize(tensors)
 
-    def read_flat(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return self.lazy.read_flat(tensor, start, stop)
+    def read_flat(self, tensor: torch.Tensor, start: int, stop: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lazy.read_flat(tensor, start, stop, out)
 
     def verify_unchanged(self) -> None:
         for source in self.sources:
@@ -118,11 +120,12 @@ class StreamedWeights(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._placeholders)
 
-    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of tensor ``name`` flattened row-major, as a new 1-D CPU tensor; for a
-        contiguous tensor only those bytes are read."""
+    def read_flat(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of tensor ``name`` flattened row-major, as a 1-D CPU tensor (``out`` when it
+        is given and fits: a contiguous buffer of the tensor's dtype and size); for a contiguous tensor only those
+        bytes are read."""
         try:
-            return self._backend.read_flat(self._placeholders[name], start, stop)
+            return self._backend.read_flat(self._placeholders[name], start, stop, out)
         except CheckpointChangedError:
             raise
         except CheckpointError:
