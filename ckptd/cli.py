@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckptd import __version__
-from ckptd.errors import CkptdError, ConfigError
+from ckptd.errors import CkptdError, ConfigError, UnsafeCheckpointError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -97,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except ConfigError as exc:
         print(f"ckptd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnsafeCheckpointError as exc:  # refused by policy, like a bad argument: nothing was executed
+        print(f"ckptd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CkptdError as exc:
         print(f"ckptd: error: {exc}", file=sys.stderr)

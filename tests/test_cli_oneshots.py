@@ -103,3 +103,30 @@ def test_extract_ema_without_ema_weights_is_an_error(tmp_path: Path, tiny) -> No
     res = ckptd("extract", str(tmp_path / "ema.pt"), "-o", str(tmp_path / "e.safetensors"), "--ema")
     assert res.returncode == 0, res.stderr
     assert torch.equal(load_file(tmp_path / "e.safetensors")["conv.weight"], ema.state_dict()["conv.weight"])
+
+
+class _Payload:
+    """Would create a canary file if unpickled (it never is)."""
+
+    def __init__(self, canary: Path) -> None:
+        self.canary = canary
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.canary}",))
+
+
+def test_unsafe_dcp_folder_is_refused_with_exit_2_and_nothing_runs(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    canary = tmp_path / "canary"
+    folder = tmp_path / "dcp"
+    dcp.save({"model": {"w": torch.randn(4, 4)}, "extra": _Payload(canary)}, checkpoint_id=str(folder))
+    assert not canary.exists()
+    for command in (("inspect", str(folder)), ("extract", str(folder), "-o", str(tmp_path / "x.safetensors"))):
+        res = ckptd(*command)
+        assert res.returncode == 2, res.stderr
+        assert "os.system" in res.stderr or "posix.system" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
+    assert not canary.exists() and not (tmp_path / "x.safetensors").exists()
