@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 
@@ -20,6 +16,10 @@ def add_daemon_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.set_defaults(func=cmd_once)
     p = sub.add_parser("check", help="validate a config; list watches and the runs they resolve to")
     p.add_argument("-c", "--config", required=True)
+    p.add_argument("--explain", action="store_true",
+                   help="dry run: per run and stream, each candidate's metric and step (and where from), the "
+                        "ignored files and why, the top-k it would pick; writes nothing")
+    p.add_argument("--json", action="store_true", help="with --explain: the same as JSON")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("status", help="per run: best, top-k members, last event, errors (reads the ledger)")
     p.add_argument("-c", "--config", required=True)
@@ -59,10 +59,18 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from ckptd.daemon.discovery import list_runs
     from ckptd.daemon.paths import resolve_output, run_name
-    from ckptd.daemon.service import watch_summary
+    from ckptd.daemon.watcher import watch_summary
     from ckptd.errors import CkptdError
 
     config = _load(args.config)
+    if getattr(args, "explain", False):
+        from ckptd.daemon.explain import explain_config, render_text
+
+        explained = explain_config(config)
+        print(json.dumps(explained, indent=2) if args.json else render_text(explained))
+        return 0 if not any("error" in r for r in explained) else 1
+    from ckptd.daemon.config import run_plan
+
     print(f"{args.config}: OK (state_dir {config.state_dir}, {len(config.watches)} watch(es), "
           f"policies: {', '.join(config.policies)})")
     problems = 0
@@ -77,92 +85,22 @@ def cmd_check(args: argparse.Namespace) -> int:
             try:
                 name = run_name(watch.root, run_dir)
                 print(f"  run {name}: {run_dir} -> {resolve_output(watch.output, watch.name, name)}")
+                plan = run_plan(watch, config.policy_for(watch), run_dir)
+                print(f"    trainer {plan.trainer}: {plan.detected_because}; streams "
+                      + ", ".join(s.name for s in plan.streams))
+                for problem in plan.problems:
+                    print(f"    PROBLEM: {problem}")
             except CkptdError as exc:
                 problems += 1
                 print(f"  run {run_dir}: SKIPPED: {exc}")
     return 0 if not problems else 1
 
 
-def collect_status(config: Any) -> list[dict[str, Any]]:
-    """Per-run status from the ledger (read-only; safe while the daemon runs)."""
-    from ckptd.daemon.ledger import Ledger
-    from ckptd.daemon.policy import Record, ranked
-    from ckptd.daemon.service import LEDGER_NAME
-
-    db_path = config.state_dir / LEDGER_NAME
-    if not db_path.exists():
-        return []
-    db = Ledger.open_readonly(db_path)
-    try:
-        runs = db.execute("SELECT * FROM runs ORDER BY watch, run").fetchall()
-        out = []
-        for r in runs:
-            watch = next((w for w in config.watches if w.name == r["watch"]), None)
-            mode = config.policy_for(watch).metric.mode if watch else "max"
-            rows = db.execute("SELECT checkpoint_id, source, sha256, metric, step, mtime, file FROM members "
-                              "WHERE watch=? AND run=?", (r["watch"], r["run"])).fetchall()
-            files = {row["checkpoint_id"]: row["file"] for row in rows}
-            members = [{"source": m.path, "metric": m.metric, "step": m.step, "sha256": m.sha256,
-                        "file": files[m.ckpt_id]}
-                       for m in ranked([Record(*tuple(row)[:6]) for row in rows], mode)]
-            counts = dict(db.execute("SELECT status, COUNT(*) FROM checkpoints WHERE watch=? AND run=? GROUP BY status",
-                                     (r["watch"], r["run"])).fetchall())
-            export = db.execute("SELECT status, reason, source, metric, finished_at FROM exports "
-                                "WHERE watch=? AND run=? AND status != 'abandoned' ORDER BY id DESC LIMIT 1",
-                                (r["watch"], r["run"])).fetchone()
-            out.append({
-                "watch": r["watch"], "run": r["run"], "run_dir": r["run_dir"], "output": r["output"],
-                "mode": mode,
-                "best": members[0] if members else None,
-                "members": members,
-                "checkpoints": counts,
-                "last_event": r["last_event"], "last_event_at": r["last_event_at"],
-                "last_error": r["last_error"], "last_error_at": r["last_error_at"],
-                "export": dict(export) if export else None,
-            })
-        return out
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        db.close()
-
-
-def _ago(ts: float | None) -> str:
-    if not ts:
-        return "never"
-    delta = max(0.0, time.time() - ts)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if delta >= size:
-            return f"{delta / size:.0f}{unit} ago"
-    return f"{delta:.0f}s ago"
-
-
-def print_status(rows: list[dict[str, Any]], stream: Any = None) -> None:
-    stream = stream or sys.stdout
-    if not rows:
-        print("no runs recorded yet (is the daemon running, and does the state_dir match?)", file=stream)
-        return
-    for r in rows:
-        best = r["best"]
-        best_txt = f"{best['metric']:g} from {Path(best['source']).name} (step {best['step']})" if best else "none yet"
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(r["checkpoints"].items())) or "no checkpoints"
-        print(f"{r['watch']}/{r['run']}  ({r['mode']})", file=stream)
-        print(f"  best      {best_txt}", file=stream)
-        print(f"  top-k     {len(r['members'])} member(s): "
-              + ", ".join(f"{m['metric']:g}" for m in r["members"]), file=stream)
-        print(f"  seen      {counts}", file=stream)
-        print(f"  last      {r['last_event'] or '-'} ({_ago(r['last_event_at'])})", file=stream)
-        if r["last_error"]:
-            print(f"  error     {r['last_error']} ({_ago(r['last_error_at'])})", file=stream)
-        if r["export"]:
-            e = r["export"]
-            print(f"  coreml    {e['status']}" + (f": {e['reason']}" if e["reason"] else ""), file=stream)
-        print(f"  output    {r['output']}", file=stream)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
+    from ckptd.daemon.status import collect_status, print_status
+
     config = _load(args.config)
-    rows = collect_status(config)
+    rows = collect_status(config)  # an unreadable ledger raises LedgerReadError (a CkptdError): exit 1
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

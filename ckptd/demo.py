@@ -24,7 +24,7 @@ from torch import nn
 from ckptd.examples import TinyConvNet
 from ckptd.training_state import build_training_state, save_training_state
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.yaml"
+EXAMPLE_CONFIG = Path(__file__).resolve().parent / "config.example.yaml"  # package data (ships in the wheel)
 
 
 def synthetic_training(out: Path, epochs: int, *, pause: float = 0.3, delete_non_topk: int = 0,
@@ -135,11 +135,13 @@ def run_demo(directory: str | None, *, epochs: int = 8, export: bool = True) -> 
     out = base / "out" / "demo" / "exp1"
     print("\nproduced:")
     for p in sorted(out.rglob("*")):
+        if any(part.startswith(".") for part in p.relative_to(out).parts):
+            continue  # ckptd's internals (generations, export inputs): the links above them are the products
         if (p.is_file() and ".mlpackage" not in str(p.parent)) or p.suffix == ".mlpackage":
             size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
             print(f"  {p.relative_to(base)}  ({size / 1024:.1f} KiB)")
-    from ckptd.cli_daemon import collect_status, print_status
     from ckptd.daemon.config import load_config
+    from ckptd.daemon.status import collect_status, print_status
 
     print("\nckptd status:")
     print_status(collect_status(load_config(cfg_path)))

@@ -2,6 +2,10 @@
 
 Written here instead of depending on PyPI's ``sdnotify`` (unmaintained since 2017); the protocol is a single
 ``sendto``. Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op.
+
+Sends never block: the main loop calls these, and a datagram socket whose reader stopped reading (a hung
+manager, a test harness) blocks ``sendto`` once its queue is full, which would stall the loop. A message that
+cannot be queued is dropped; STATUS is sent only when its text changes, so the queue rarely fills.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ class Notifier:
         self.watchdog_interval = int(usec) / 1e6 / 2 if usec.isdigit() and (not pid or pid == str(os.getpid())) \
             else None
         self._last_ping = 0.0
+        self._last_status = ""
 
     @property
     def enabled(self) -> bool:
@@ -31,7 +36,7 @@ class Notifier:
         if addr.startswith("@"):
             addr = "\0" + addr[1:]
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
                 sock.sendto("\n".join(fields).encode(), addr)
             return True
         except OSError:
@@ -41,7 +46,9 @@ class Notifier:
         self.send("READY=1", *( [f"STATUS={status}"] if status else []))
 
     def status(self, text: str) -> None:
-        self.send(f"STATUS={text}")
+        """STATUS=, only when it changed (the loop calls this every pass)."""
+        if text != self._last_status and self.send(f"STATUS={text}"):
+            self._last_status = text
 
     def reloading(self) -> None:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000

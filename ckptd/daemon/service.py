@@ -1,37 +1,50 @@
 """The daemon's main loop: discover runs, schedule per-run jobs on a worker pool, react to events and signals.
 
-The loop thread never does heavy work: loading, hashing, averaging and publishing run in worker threads, one
-job per run at a time, at most ``max_parallel_runs`` at once. Signal handlers only set flags (uvicorn style).
+The loop thread never does heavy work and never waits on the ledger: loading, hashing, averaging, publishing and
+ledger writes run in worker threads, one job per run at a time, at most ``max_parallel_runs`` at once. So a
+locked ledger or a slow file only delays that run, while the loop keeps answering signals and pinging systemd.
+
+Signal handlers only set flags; the loop sleeps on a self-pipe (``loop.Wakeup``). Every stage of an iteration is
+guarded (``loop.StageGuard``): a failure is one log line, a counter, and a growing, capped backoff, never the end
+of the daemon. The systemd WATCHDOG ping is sent only while the essential stages (discovery, scheduling) succeed,
+so a loop that keeps failing is restarted by systemd instead of pretending to be healthy.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import threading
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ckptd.daemon.config import Config, Watch, load_config
+from ckptd.daemon.config import Config, load_config
 from ckptd.daemon.discovery import list_runs, scan_run
 from ckptd.daemon.exports import ExportScheduler
 from ckptd.daemon.hooks import HookRunner
-from ckptd.daemon.ledger import Ledger
+from ckptd.daemon.ledger import LEDGER_NAME, Ledger
 from ckptd.daemon.logs import configure_logging, get_logger
-from ckptd.daemon.telemetry import Metrics
+from ckptd.daemon.loop import StageGuard, Wakeup, describe, expected
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.paths import resolve_output, run_name
 from ckptd.daemon.pipeline import RunContext, RunProcessor, apply_retention
 from ckptd.daemon.readiness import ReadinessTracker
-from ckptd.daemon.watcher import EventWatcher, filesystem_type, is_network_fs
+from ckptd.daemon.telemetry import Metrics
+from ckptd.daemon.watcher import watch_summary
+from ckptd.daemon.watches import WatchSet
 from ckptd.errors import CkptdError, ConfigError
 
-LEDGER_NAME = "ledger.sqlite3"
+__all__ = ["LEDGER_NAME", "Daemon", "watch_summary"]
+
 MIN_JOB_INTERVAL = 0.2  # seconds between two scans of one run when events keep arriving
-ERROR_BACKOFF = 30.0
+JOB_BACKOFF_FIRST = 2.0  # a failed run job is retried after 2 s, 4 s, 8 s … at most JOB_BACKOFF_MAX
+JOB_BACKOFF_MAX = 60.0
+ESSENTIAL = ("discover", "schedule", "loop")  # while any of these fails, no WATCHDOG=1
+
+
+class LedgerOpenError(CkptdError):
+    """The ledger cannot be opened at startup (exit 1 with the file and the reason, no traceback)."""
 
 
 @dataclass
@@ -44,6 +57,8 @@ class RunState:
     next_check: float | None = None
     last_scan: float = 0.0
     pending: int = 0
+    registered: bool = False  # the run's ledger row exists (written by the first job, never by the loop)
+    failures: int = 0  # consecutive failed jobs: the backoff grows with them
 
 
 class Daemon:
@@ -52,53 +67,34 @@ class Daemon:
         self.config_path = Path(config_path) if config_path else None
         self.once = once
         self.log = get_logger()
-        self.ledger = Ledger(config.state_dir / LEDGER_NAME)
+        path = config.state_dir / LEDGER_NAME
+        try:
+            self.ledger, rebuilt = Ledger.open(path)  # a corrupt ledger is moved aside and rebuilt
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerOpenError(f"cannot open the ledger {path}: {describe(exc)}") from exc
+        if rebuilt:
+            self.log.warning("ledger.rebuilt", ledger=str(path), reason=rebuilt)
         self.notifier = Notifier()
         self.runs: dict[tuple[str, Path], RunState] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._reload = False
+        self._wakeup = Wakeup()  # signal flags + the self-pipe the loop sleeps on
         self._rediscover = True
+        self.watches = WatchSet(self._on_event, self._wakeup.wake)
         # threads are created on demand; _schedule() enforces max_parallel_runs (which a reload may change)
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="ckptd-run")
-        self._watcher: EventWatcher | None = None
-        self._poll_watches: set[str] = set()
         self._last_action = "starting"
         self.failures = 0
         self.metrics = Metrics(config.metrics.listen if not once else "", config.metrics.textfile)
         self.exports = ExportScheduler(self.ledger, self.log, metrics=self.metrics)
         self.hooks = HookRunner(self.log)
+        self._guards = {name: StageGuard(name, self.metrics.loop_errors)
+                        for name in ("discover", "schedule", "metrics", "loop")}
+        self._guards["reload"] = StageGuard("reload", self.metrics.loop_errors, first=0.0)  # each SIGHUP is tried
+
+    @property
+    def stopping(self) -> bool:
+        return self._wakeup.stop_requested
 
     # --- watches -------------------------------------------------------------------------------------------
-    def _setup_watchers(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop()
-        self._watcher = None
-        self._poll_watches = set()
-        if self.once:
-            return
-        for watch in self.config.watches:
-            fstype = filesystem_type(watch.root)
-            mode = watch.mode
-            if mode == "auto":
-                mode = "poll" if is_network_fs(fstype) else "events"
-                if mode == "poll":
-                    self.log.info("watch.polling", watch=watch.name, root=str(watch.root), fstype=fstype,
-                                  reason="network filesystem: inotify cannot see writes from other hosts")
-            if mode == "events":
-                try:
-                    if self._watcher is None:
-                        self._watcher = EventWatcher(self._on_event, self._on_overflow)
-                    self._watcher.add(watch.root)
-                    self.log.info("watch.events", watch=watch.name, root=str(watch.root), fstype=fstype)
-                except OSError as exc:
-                    mode = "poll"
-                    self.log.warning("watch.events_unavailable", watch=watch.name, root=str(watch.root),
-                                     reason=f"{exc}; falling back to polling every {watch.poll_interval:g}s "
-                                            "(raise fs.inotify.max_user_watches to use events)")
-            if mode == "poll":
-                self._poll_watches.add(watch.name)
-
     def _on_event(self, path: Path, moved_in: bool) -> None:
         """Called from the watchdog thread: mark the run dirty and wake the loop. Nothing else."""
         name = path.name
@@ -111,27 +107,30 @@ class Daemon:
                 if moved_in:
                     state.tracker.note_moved_in(path)
                 state.dirty = True
-                self._wake.set()
+                self._wakeup.wake()
                 return
         for watch in self.config.watches:
             if watch.root in path.parents or path == watch.root:
                 self._rediscover = True
-                self._wake.set()
+                self._wakeup.wake()
                 return
 
-    def _on_overflow(self) -> None:
-        """Events were lost: rescan everything now (the scan is the source of truth anyway)."""
-        self.log.warning("watch.overflow", reason="inotify queue overflowed; events were lost; rescanning all runs "
-                         "(consider raising fs.inotify.max_queued_events)")
+    def _handle_overflow(self, lost: int) -> None:
+        self.metrics.inotify_overflows.inc(lost)
+        self.log.warning("watch.overflow", overflows=lost, reason="inotify queue overflowed; events were lost; "
+                         "rescanning all runs (consider raising fs.inotify.max_queued_events)")
         for state in list(self.runs.values()):
             state.dirty = True
         self._rediscover = True
-        self._wake.set()
 
     # --- discovery ----------------------------------------------------------------------------------------
     def _discover(self) -> None:
+        """Which runs exist (filesystem only: the ledger row is written by the run's first job)."""
         seen: set[tuple[str, Path]] = set()
         for watch in self.config.watches:
+            if not self.watches.root_available(watch):
+                seen.update(k for k in self.runs if k[0] == watch.name)
+                continue
             policy = self.config.policy_for(watch)
             out_root = Path(os.path.realpath(watch.output_root))
             for run_dir in list_runs(watch):
@@ -152,7 +151,6 @@ class Daemon:
                     self.log.error("run.skipped", watch=watch.name, run_dir=str(run_dir), reason=str(exc))
                     continue
                 ctx = RunContext(watch=watch, policy=policy, run=name, run_dir=run_dir, output=output)
-                self.ledger.touch_run(watch.name, name, str(run_dir), str(output))
                 processor = RunProcessor(ctx, self.ledger, self.log, exporter=self.exports,
                                          hooks=self.hooks, metrics=self.metrics)
                 self.runs[key] = RunState(ctx=ctx, processor=processor,
@@ -163,36 +161,45 @@ class Daemon:
         for key in [k for k in self.runs if k not in seen and not self.runs[k].running]:
             del self.runs[key]
 
+    def _discovery_interval(self) -> float:
+        return min([self.config.rescan_interval] + [w.poll_interval for w in self.config.watches
+                                                    if w.name in self.watches.polled])
+
     # --- jobs ---------------------------------------------------------------------------------------------
     def _due(self, state: RunState, now: float) -> bool:
         if state.running or now - state.last_scan < MIN_JOB_INTERVAL:
             return False
+        if state.next_check is not None and state.failures and now < state.next_check:
+            return False  # backing off after a failure: events do not cut the backoff short
         if state.dirty or (state.next_check is not None and now >= state.next_check):
             return True
         return now - state.last_scan >= self._scan_interval(state)
 
     def _scan_interval(self, state: RunState) -> float:
         """Polled watches scan every poll_interval; event watches only need the safety re-scan."""
-        if state.ctx.watch.name in self._poll_watches:
+        if state.ctx.watch.name in self.watches.polled:
             return state.ctx.watch.poll_interval
         return self.config.rescan_interval
 
     def _submit(self, state: RunState) -> None:
         state.running, state.dirty, state.next_check = True, False, None
         state.last_scan = time.monotonic()
-        self._pool.submit(self._job, state).add_done_callback(lambda _future: self._wake.set())
+        self._pool.submit(self._job, state).add_done_callback(lambda _future: self._wakeup.wake())
 
     def _job(self, state: RunState) -> None:
         ctx, processor, tracker = state.ctx, state.processor, state.tracker
         settle = 0.0 if self.once else ctx.watch.settle
         try:
+            if not state.registered:
+                self.ledger.touch_run(ctx.watch.name, ctx.run, str(ctx.run_dir), str(ctx.output))
+                state.registered = True
             with self.metrics.scan_duration.time():
                 candidates = scan_run(ctx.run_dir, ctx.watch)
             tracker.forget_missing({o.path for o in candidates})
             next_check: float | None = None
             pending = 0
             for obs in candidates:
-                if self._stop.is_set():
+                if self.stopping:
                     break
                 if processor.known(obs):
                     continue
@@ -211,98 +218,114 @@ class Daemon:
                     next_check = when if next_check is None else min(next_check, when)
             if not processor.reconciled:
                 processor.reconcile()
-            if not self._stop.is_set():
+            if not self.stopping:
                 apply_retention(processor, time.time())
             state.pending = pending
             state.next_check = next_check
+            if state.failures:
+                self.log.info("run.recovered", watch=ctx.watch.name, run=ctx.run, after_failures=state.failures)
+            state.failures = 0
         except Exception as exc:  # one run's failure must never take the daemon down
             self.failures += 1
-            reason = f"{type(exc).__name__}: {exc}"
-            self.log.error("run.failed", watch=ctx.watch.name, run=ctx.run, reason=reason,
-                           retry_in=f"{ERROR_BACKOFF:g}s", exc_info=not isinstance(exc, (CkptdError, OSError)))
+            state.failures += 1
+            self.metrics.job_failures.inc()
+            delay = min(JOB_BACKOFF_FIRST * 2 ** (state.failures - 1), JOB_BACKOFF_MAX)
+            reason = describe(exc)
+            self.log.error("run.failed", watch=ctx.watch.name, run=ctx.run, reason=reason, failures=state.failures,
+                           retry_in=f"{delay:g}s", exc_info=not expected(exc))
             try:
-                self.ledger.note_event(ctx.watch.name, ctx.run, "failed", error=reason)
+                if state.registered:
+                    self.ledger.note_event(ctx.watch.name, ctx.run, "failed", error=reason)
             except Exception:  # the ledger itself may be what failed; already logged  # noqa: BLE001
                 pass
-            state.next_check = time.monotonic() + ERROR_BACKOFF
+            state.next_check = time.monotonic() + delay
         finally:
             state.running = False
 
-    # --- signals and reload ---------------------------------------------------------------------------------
-    def _install_signals(self) -> None:
-        def stop(signum: int, _frame: Any) -> None:
-            self._stop.set()
-            self._wake.set()
-
-        def hup(_signum: int, _frame: Any) -> None:
-            self._reload = True
-            self._wake.set()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, hup)
-
+    # --- reload -----------------------------------------------------------------------------------------------
     def _do_reload(self) -> None:
-        self._reload = False
+        """SIGHUP: load the config again; an invalid one is rejected and the running one kept."""
         if self.config_path is None:
             return
         self.notifier.reloading()
         try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
-            self.log.error("config.reload_rejected", config=str(self.config_path), problems=exc.problems,
-                           reason="the new config is invalid; keeping the running config")
-            self.notifier.ready(self._status_text())
-            return
-        if new.state_dir != self.config.state_dir:
-            self.log.warning("config.state_dir_unchanged", reason="state_dir changes need a restart")
-            new = type(new)(**{**new.__dict__, "state_dir": self.config.state_dir})
-        self.config = new
-        configure_logging(new.log.format, new.log.level)
-        self.log = get_logger()
-        self._setup_watchers()
-        self._rediscover = True
-        self.log.info("config.reloaded", config=str(self.config_path), watches=len(new.watches))
-        self.notifier.ready(self._status_text())
+            try:
+                new = load_config(self.config_path)
+            except ConfigError as exc:
+                self.log.error("config.reload_rejected", config=str(self.config_path), problems=exc.problems,
+                               reason="the new config is invalid; keeping the running config")
+                return
+            if new.state_dir != self.config.state_dir:
+                self.log.warning("config.state_dir_unchanged", reason="state_dir changes need a restart")
+                new = type(new)(**{**new.__dict__, "state_dir": self.config.state_dir})
+            self.config = new
+            configure_logging(new.log.format, new.log.level)
+            self.log = get_logger()
+            self.watches.setup(self.config.watches, events=not self.once)
+            self._rediscover = True
+            self.log.info("config.reloaded", config=str(self.config_path), watches=len(new.watches))
+        finally:
+            self.notifier.ready(self._status_text())  # systemd leaves "reloading" whatever happened
 
     # --- main loop ------------------------------------------------------------------------------------------
     def _status_text(self) -> str:
         pending = sum(s.pending for s in self.runs.values())
         busy = sum(1 for s in self.runs.values() if s.running)
-        return f"{len(self.runs)} runs, {busy} busy, {pending} pending; last: {self._last_action}"
+        failing = [g.name for g in self._guards.values() if not g.healthy]
+        return (f"{len(self.runs)} runs, {busy} busy, {pending} pending; last: {self._last_action}"
+                + (f"; failing: {', '.join(failing)}" if failing else ""))
+
+    @property
+    def progressing(self) -> bool:
+        """True while the essential stages succeed: only then is systemd's watchdog pinged."""
+        return all(self._guards[name].healthy for name in ESSENTIAL)
 
     def run(self) -> int:
         """Foreground daemon until SIGTERM/SIGINT. Returns the exit code."""
-        self._install_signals()
+        self._wakeup.install_signals()
         self.log.info("daemon.starting", config=str(self.config_path), watches=len(self.config.watches),
                       state_dir=str(self.config.state_dir), pid=os.getpid())
-        self._setup_watchers()
+        self.watches.setup(self.config.watches, events=not self.once)
         next_discovery = 0.0
         ready_sent = False
-        while not self._stop.is_set():
-            if self._reload:
-                self._do_reload()
+        while not self.stopping:
             now = time.monotonic()
-            if self._rediscover or now >= next_discovery:
-                self._rediscover = False
-                self._discover()
-                intervals = [self.config.rescan_interval] + [w.poll_interval for w in self.config.watches
-                                                             if w.name in self._poll_watches]
-                next_discovery = now + min(intervals)
-            self._schedule(now)
+            try:
+                next_discovery = self._iterate(now, next_discovery)
+                self._guards["loop"].succeeded()
+            except Exception as exc:  # a failure outside any stage: same treatment  # noqa: BLE001
+                self._guards["loop"].failed(now, exc)
             if not ready_sent:
                 self.notifier.ready(self._status_text())
-                self.log.info("daemon.ready", runs=len(self.runs), poll_watches=sorted(self._poll_watches))
+                self.log.info("daemon.ready", runs=len(self.runs), poll_watches=sorted(self.watches.polled))
                 ready_sent = True
-            self.notifier.watchdog(now)
-            self.notifier.status(self._status_text())
-            self.metrics.runs.set(len(self.runs))
-            self.metrics.queue_depth.set(sum(s.pending for s in self.runs.values()))
-            self.metrics.flush()
-            self._wake.wait(self._sleep_for(now, next_discovery))
-            self._wake.clear()
+            if self.progressing:
+                self.notifier.watchdog(now)
+            self._wakeup.wait(self._sleep_for(now, next_discovery))
         return self._shutdown()
+
+    def _iterate(self, now: float, next_discovery: float) -> float:
+        """One pass of the loop; returns when discovery is next due."""
+        guards = self._guards
+        if self._wakeup.reload_requested:
+            self._wakeup.reload_requested = False  # signals arriving during the reload ask for one more
+            guards["reload"].run(now, self._do_reload)
+        lost = self.watches.take_overflows()
+        if lost:
+            self._handle_overflow(lost)
+        if (self._rediscover or now >= next_discovery) and guards["discover"].due(now):
+            self._rediscover = False
+            if guards["discover"].run(now, self._discover):
+                next_discovery = now + self._discovery_interval()
+        guards["schedule"].run(now, lambda: self._schedule(now))
+        self.notifier.status(self._status_text())
+        guards["metrics"].run(now, self._update_metrics)
+        return next_discovery
+
+    def _update_metrics(self) -> None:
+        self.metrics.runs.set(len(self.runs))
+        self.metrics.queue_depth.set(sum(s.pending for s in self.runs.values()))
+        self.metrics.flush()  # the textfile: an OSError here is the metrics stage's failure, nothing more
 
     def _schedule(self, now: float) -> None:
         busy = sum(1 for s in self.runs.values() if s.running)
@@ -314,15 +337,21 @@ class Daemon:
                 busy += 1
 
     def _sleep_for(self, now: float, next_discovery: float) -> float:
-        deadlines = [next_discovery]
-        for s in self.runs.values():
-            if s.running:
-                continue
-            if s.next_check is not None:
-                deadlines.append(s.next_check)
-            if s.dirty:
-                deadlines.append(s.last_scan + MIN_JOB_INTERVAL)
-            deadlines.append(s.last_scan + self._scan_interval(s))
+        discover, schedule = self._guards["discover"], self._guards["schedule"]
+        deadlines = [max(next_discovery, discover.until) if discover.failures else next_discovery]
+        if not schedule.healthy:
+            deadlines.append(schedule.until)
+        else:
+            for s in self.runs.values():
+                if s.running:
+                    continue
+                if s.next_check is not None:
+                    deadlines.append(s.next_check)
+                if s.dirty and not s.failures:
+                    deadlines.append(s.last_scan + MIN_JOB_INTERVAL)
+                deadlines.append(s.last_scan + self._scan_interval(s))
+        if self._guards["loop"].failures:
+            deadlines = [max(d, self._guards["loop"].until) for d in deadlines]
         if self.notifier.watchdog_interval:
             deadlines.append(now + self.notifier.watchdog_interval)
         return min(max(min(deadlines) - now, 0.02), 60.0)
@@ -331,9 +360,9 @@ class Daemon:
         self.notifier.stopping()
         deadline = time.monotonic() + self.config.shutdown_deadline
         running = [s.ctx.run for s in self.runs.values() if s.running]
-        self.log.info("daemon.stopping", running_jobs=running, deadline_s=self.config.shutdown_deadline)
-        if self._watcher is not None:
-            self._watcher.stop()
+        self.log.info("daemon.stopping", running_jobs=running, deadline_s=self.config.shutdown_deadline,
+                      signals=self._wakeup.signals)
+        self.watches.stop()
         self.exports.shutdown()  # an export in flight is killed; it is redone on restart
         while any(s.running for s in self.runs.values()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -343,10 +372,18 @@ class Daemon:
             os._exit(0)
         self._pool.shutdown(wait=True)
         self.hooks.shutdown(wait=False)
-        self.metrics.close()
-        self.ledger.close()
+        self._close_quietly()
         self.log.info("daemon.stopped")
         return 0
+
+    def _close_quietly(self) -> None:
+        """Last metrics flush and closes: a failure here is logged, it does not turn a clean stop into a crash."""
+        for name, close in (("metrics", self.metrics.close), ("ledger", self.ledger.close),
+                            ("wakeup", self._wakeup.close)):
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001
+                self.log.error("daemon.close_failed", part=name, reason=describe(exc))
 
     def run_once(self) -> int:
         """Process everything present now, then exit (0, or 1 if a run failed)."""
@@ -356,16 +393,9 @@ class Daemon:
         self._pool.shutdown(wait=True)
         self.exports.wait()
         self.hooks.shutdown(wait=True)
-        self.metrics.close()
         for state in self.runs.values():
             self.log.info("run.summary", watch=state.ctx.watch.name, run=state.ctx.run,
                           counts=self.ledger.counts(state.ctx.watch.name, state.ctx.run),
                           output=str(state.ctx.output))
-        self.ledger.close()
+        self._close_quietly()
         return 1 if self.failures else 0
-
-
-def watch_summary(watch: Watch) -> dict[str, Any]:
-    fstype = filesystem_type(watch.root)
-    mode = watch.mode if watch.mode != "auto" else ("poll" if is_network_fs(fstype) else "events")
-    return {"name": watch.name, "root": str(watch.root), "fstype": fstype, "mode": mode, "policy": watch.policy}

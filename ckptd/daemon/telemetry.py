@@ -45,6 +45,12 @@ class Metrics:
         self.exports = Counter("ckptd_exports", "CoreML exports, by result", ["result"], registry=r)
         self.last_success = Gauge("ckptd_last_success_timestamp_seconds", "Unix time of the last success, by action",
                                   ["action"], registry=r)
+        self.loop_errors = Counter("ckptd_loop_errors", "Main-loop stage failures (logged, backed off, retried), "
+                                   "by stage", ["stage"], registry=r)
+        self.job_failures = Counter("ckptd_job_failures", "Run jobs that failed and were rescheduled with backoff",
+                                    registry=r)
+        self.inotify_overflows = Counter("ckptd_inotify_overflows", "inotify queue overflows (events lost; all runs "
+                                         "rescanned)", registry=r)
         Info("ckptd_build", "ckptd build information", registry=r).info({"version": __version__})
         self.textfile = textfile
         self._last_textfile = 0.0

@@ -6,8 +6,9 @@ not see writes from other hosts) run in polling mode; an inotify limit or error 
 
 from __future__ import annotations
 
-import logging
+import inspect
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,30 +60,64 @@ class _Handler(FileSystemEventHandler):
             self._notify(Path(dest), True)  # a rename into place: the writer's commit signal
 
 
-class _OverflowDetector(logging.Handler):
-    """watchdog reports an inotify queue overflow only as a log record: turn it into a callback."""
+class _OverflowCallback:
+    """A ``watchdog.observers.inotify_c.WatchCallback`` registered on the observer's own inotify instance.
+
+    watchdog reads the kernel's ``IN_Q_OVERFLOW`` (wd -1) in ``InotifyFD.handle_event`` and calls
+    ``on_queue_overflow()`` on every callback registered on that instance; it emits no event to handlers. So we
+    register this callback next to the emitters' (on each watched root) instead of matching its log text, which a
+    log level (``log.level: error``, or a quieted ``watchdog`` logger) silently disabled.
+    """
 
     def __init__(self, on_overflow: Callable[[], None]) -> None:
-        super().__init__(level=logging.WARNING)
-        self.on_overflow = on_overflow
+        self._on_overflow = on_overflow
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self.on_overflow()
+    def on_event(self, event: Any) -> None:
+        """Events on the root are the emitter's business."""
+
+    def on_watch_deleted(self, wd: Any) -> None:
+        """The emitter stops on its own when its root goes away."""
+
+    def on_queue_overflow(self) -> None:
+        self._on_overflow()
+
+
+def _inotify_observer(on_overflow: Callable[[], None] | None) -> tuple[Any, Any]:
+    """(observer, inotify instance); the instance is None where overflows cannot be observed (other platforms,
+    watchdog < 7.1): there the slow safety re-scan is what recovers lost events."""
+    if on_overflow is None or not sys.platform.startswith("linux"):
+        return Observer(), None
+    try:
+        from watchdog.observers.api import BaseObserver
+        from watchdog.observers.inotify import InotifyEmitter
+        from watchdog.observers.inotify_c import InotifyFD
+    except ImportError:
+        return Observer(), None
+    if not hasattr(InotifyFD, "add_callback") or "inotify_fd" not in inspect.signature(InotifyEmitter).parameters:
+        return Observer(), None  # watchdog < 7.1 does not report overflows at all: the safety rescan covers them
+
+    inotify = InotifyFD()  # an instance of our own (what InotifyObserver does), so we can add our callback to it
+
+    class _Observer(BaseObserver):
+        """``InotifyObserver`` with its inotify instance in our hands (public: ``inotify_fd`` emitter kwarg)."""
+
+        def on_thread_stop(self) -> None:
+            super().on_thread_stop()
+            inotify.stop()
+            inotify.join()
+
+    inotify.start()
+    return _Observer(InotifyEmitter, inotify_fd=inotify), inotify
 
 
 class EventWatcher:
-    """One watchdog observer for all event-mode watch roots."""
+    """One watchdog observer for all event-mode watch roots; ``on_overflow`` runs on watchdog's inotify thread."""
 
     def __init__(self, notify: Callable[[Path, bool], None], on_overflow: Callable[[], None] | None = None) -> None:
-        self._observer: Any = Observer()
         self._handler = _Handler(notify)
         self._started = False
-        self._detector: _OverflowDetector | None = None
-        if on_overflow is not None:
-            self._detector = _OverflowDetector(on_overflow)
-            for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
-                logging.getLogger(name).addHandler(self._detector)
+        self._observer, self._inotify = _inotify_observer(on_overflow)
+        self._overflow = _OverflowCallback(on_overflow) if on_overflow is not None else None
 
     def add(self, root: Path) -> None:
         """Watch ``root`` recursively; raises OSError when the kernel refuses (inotify limits)."""
@@ -90,11 +125,25 @@ class EventWatcher:
             self._observer.start()
             self._started = True
         self._observer.schedule(self._handler, str(root), recursive=True)
+        if self._inotify is not None and self._overflow is not None:
+            from watchdog.observers.inotify_c import CallbackId, InotifyConstants, Mask
+
+            # IN_MASK_ADD: never narrow the emitter's mask on the shared watch (the kernel wants one event bit)
+            c = InotifyConstants
+            mask = Mask(c.IN_MASK_ADD | c.IN_DELETE_SELF | c.IN_DONT_FOLLOW)
+            self._inotify.add_callback(os.fsencode(root), mask, self._overflow, CallbackId(id(self._overflow)))
 
     def stop(self) -> None:
-        if self._detector is not None:
-            for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
-                logging.getLogger(name).removeHandler(self._detector)
         if self._started:
             self._observer.stop()
             self._observer.join(timeout=5)
+        elif self._inotify is not None:
+            self._inotify.stop()
+            self._inotify.join(timeout=5)
+
+
+def watch_summary(watch: Any) -> dict[str, Any]:
+    """What ``ckptd check`` prints about a watch: its filesystem and the mode ``auto`` resolves to."""
+    fstype = filesystem_type(watch.root)
+    mode = watch.mode if watch.mode != "auto" else ("poll" if is_network_fs(fstype) else "events")
+    return {"name": watch.name, "root": str(watch.root), "fstype": fstype, "mode": mode, "policy": watch.policy}
