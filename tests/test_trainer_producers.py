@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 from ckptd.daemon.config import parse_config, run_plan
@@ -36,6 +37,22 @@ def _config(tmp_path: Path, train: Path, policy: dict, watch: dict | None = None
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path, parse_config(data, str(path))
+
+
+def _daemon_once(config_path: Path) -> None:
+    """The real daemon (``ckptd once``, a subprocess) over the producer's directory."""
+    res = subprocess.run([PYTHON, "-m", "ckptd.cli", "once", "-c", str(config_path)], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert '"level": "error"' not in res.stderr, res.stderr[-3000:]
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _member_names(out: Path) -> list[str]:
+    return [Path(m["source"]).name for m in _manifest(out)["average"]["members"]]
 
 
 def _step(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -65,7 +82,8 @@ def test_cvnets_streams_follow_cvnets_topk(tmp_path: Path, mode: str) -> None:
     run = tmp_path / "train" / "exp1"
     run.mkdir(parents=True)
     k = 3
-    _, config = _config(tmp_path, tmp_path / "train", {"metric": {"mode": mode}, "average": {"top_k": k}})
+    config_path, config = _config(tmp_path, tmp_path / "train", {"metric": {"mode": mode},
+                                                                  "average": {"top_k": k}})
     watch, policy = config.watches[0], config.policies["default"]
     torch.manual_seed(0)
     model, maximize = TinyConvNet(), mode == "max"
@@ -117,6 +135,15 @@ def test_cvnets_streams_follow_cvnets_topk(tmp_path: Path, mode: str) -> None:
                 assert torch.allclose(t, ours[key], atol=1e-6), key
         best_member = follower.weights[(stream, follower.members[stream][0].ckpt_id)]
         assert torch.equal(ours["bn.num_batches_tracked"], best_member["bn.num_batches_tracked"])
+    # the real daemon with only `metric: {mode}` set: two streams, never mixed, each with its own outputs
+    _daemon_once(config_path)
+    out = tmp_path / "out" / "w" / "exp1"
+    assert sorted(_member_names(out)) == kept and sorted(_member_names(out / "ema")) == kept_ema
+    assert _manifest(out)["stream"] == "model" and _manifest(out / "ema")["stream"] == "ema"
+    for stream_out, avg_name in ((out, "checkpoint_avg.pt"), (out / "ema", "checkpoint_ema_avg.pt")):
+        theirs = torch.load(run / avg_name, weights_only=True)
+        ours = load_file(stream_out / "average.safetensors")
+        assert all(torch.allclose(t, ours[key], atol=1e-6) for key, t in theirs.items() if t.is_floating_point())
 
 
 def test_cvnets_explain_cli_writes_nothing(tmp_path: Path) -> None:
@@ -199,7 +226,8 @@ def test_timm_checkpoint_saver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     saver_cls = _timm_saver_class(monkeypatch)
     run = tmp_path / "train" / "exp"
     run.mkdir(parents=True)
-    _, config = _config(tmp_path, tmp_path / "train", {"metric": {"mode": "max"}, "average": {"top_k": 3}})
+    config_path, config = _config(tmp_path, tmp_path / "train", {"metric": {"mode": "max"},
+                                                                  "average": {"top_k": 3}})
     torch.manual_seed(0)
     model = TinyConvNet()
     ema = copy.deepcopy(model)
@@ -232,6 +260,13 @@ def test_timm_checkpoint_saver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     member = follower.weights[("ema", follower.members["ema"][0].ckpt_id)]
     assert torch.equal(member["conv.weight"], best["state_dict_ema"]["conv.weight"])
     assert not torch.equal(member["conv.weight"], best["state_dict"]["conv.weight"])
+    # the real daemon: model and EMA streams from the same files, each its own best (args Namespace allowed)
+    _daemon_once(config_path)
+    out = tmp_path / "out" / "w" / "exp"
+    assert _member_names(out) == theirs and _member_names(out / "ema") == theirs
+    ema_best = load_file(out / "ema" / "best.safetensors")
+    assert torch.equal(ema_best["conv.weight"], best["state_dict_ema"]["conv.weight"])
+    assert torch.equal(load_file(out / "best.safetensors")["conv.weight"], best["state_dict"]["conv.weight"])
 
 
 # --- Hugging Face Trainer ------------------------------------------------------------------------------------------
@@ -266,8 +301,8 @@ def test_hf_trainer_run(tmp_path: Path) -> None:
     trainer.train()
     trainer.save_model()  # the final copy at the run root: not a checkpoint
 
-    _, config = _config(tmp_path, tmp_path / "train", {"metric": {"name": "loss", "mode": "min"},
-                                                       "average": {"top_k": 2}})
+    config_path, config = _config(tmp_path, tmp_path / "train", {"metric": {"name": "loss", "mode": "min"},
+                                                                  "average": {"top_k": 2}})
     r = explain_run(config.watches[0], config.policies["default"], run)
     assert r["trainer"] == "hf" and "trainer_state.json" in r["detected_because"]
     [stream] = r["streams"]
@@ -286,6 +321,14 @@ def test_hf_trainer_run(tmp_path: Path) -> None:
     assert stream["best"] == Path(trainer.state.best_model_checkpoint).name  # HF's own best
     ignored = {x["path"]: x["reason"] for x in r["ignored"]}
     assert "save_model" in ignored["model.safetensors"]
+    # the real daemon: members are the checkpoint-N folders (their source in the manifest), best is HF's own
+    _daemon_once(config_path)
+    out = tmp_path / "out" / "w" / "bert"
+    assert _member_names(out) == [f"checkpoint-{s}" for s in best2]
+    assert _manifest(out)["best"]["source"] == str(run / f"checkpoint-{best2[0]}")
+    theirs = load_file(run / f"checkpoint-{best2[0]}" / "model.safetensors")
+    ours = load_file(out / "best.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 # --- Lightning -----------------------------------------------------------------------------------------------------

@@ -468,32 +468,39 @@ class RunProcessor:
         return "done"
 
 
-def apply_retention(processor: RunProcessor, now: float) -> int:
-    """Opt-in pruning of training checkpoints (see ckptd.daemon.retention); returns how many were deleted."""
-    policy = processor.ctx.policy.retention
+def apply_retention(processors: list[RunProcessor], now: float) -> int:
+    """Opt-in pruning of one run's training checkpoints (see ckptd.daemon.retention); a file any stream still
+    holds as a member source is kept. Returns how many were deleted."""
+    first = processors[0]
+    policy = first.ctx.policy.retention
     if not policy.enabled:
         return 0
-    ctx, ledger = processor.ctx, processor.ledger
+    ctx, ledger = first.ctx, first.ledger
     rows = ledger.known_files(ctx.watch.name, ctx.run)
-    known = [Known(r.path, r.size, r.mtime_ns, r.step, r.status, Path(r.path).is_dir()) for r in rows]
-    sources = {m.record.path for m in processor.members()}
+    unfinished = {r.path for r in rows if r.status not in FINAL_STATUSES}  # a stream still has to read it
+    known = [Known(r.path, r.size, r.mtime_ns, r.step, r.status, Path(r.path).is_dir()) for r in rows
+             if r.path not in unfinished]
+    sources = {m.record.path for p in processors for m in p.members()}
     deleted = 0
-    by_path = {(r.path, r.size, r.mtime_ns): r for r in rows}
+    by_path: dict[tuple[str, int, int], list[int]] = {}
+    for r in rows:
+        by_path.setdefault((r.path, r.size, r.mtime_ns), []).append(r.id)
     for item, reason in select_prunable(known, sources, policy.keep_last, policy.min_age, now):
         path = Path(item.path)
         now_seen = observe(path, is_dir=False)
         if now_seen is None or now_seen.signature != (item.size, item.mtime_ns) or not path.is_file():
             continue  # changed or gone since it was processed: not the file the ledger knows
         if policy.dry_run:
-            processor.log.info("retention.would_delete", checkpoint=str(path), action="dry-run", reason=reason)
+            first.log.info("retention.would_delete", checkpoint=str(path), action="dry-run", reason=reason)
             continue
         try:
             path.unlink()
         except OSError as exc:
-            processor.log.warning("retention.failed", checkpoint=str(path), reason=str(exc))
+            first.log.warning("retention.failed", checkpoint=str(path), reason=str(exc))
             continue
-        ledger.set_status(by_path[(item.path, item.size, item.mtime_ns)].id, "pruned", reason)
-        processor.log.info("retention.deleted", checkpoint=str(path), action="delete", reason=reason)
+        for row_id in by_path[(item.path, item.size, item.mtime_ns)]:
+            ledger.set_status(row_id, "pruned", reason)
+        first.log.info("retention.deleted", checkpoint=str(path), action="delete", reason=reason)
         deleted += 1
     return deleted
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptd.daemon.config import Config, load_config
-from ckptd.daemon.discovery import list_runs, scan_run
+from ckptd.daemon.discovery import list_runs
 from ckptd.daemon.exports import ExportScheduler
 from ckptd.daemon.hooks import HookRunner
 from ckptd.daemon.ledger import LEDGER_NAME, Ledger
@@ -28,8 +28,9 @@ from ckptd.daemon.logs import configure_logging, get_logger
 from ckptd.daemon.loop import StageGuard, Wakeup, describe, expected
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.paths import resolve_output, run_name
-from ckptd.daemon.pipeline import RunContext, RunProcessor, apply_retention
+from ckptd.daemon.pipeline import RunContext, RunProcessor
 from ckptd.daemon.readiness import ReadinessTracker
+from ckptd.daemon.run_streams import RunStreams
 from ckptd.daemon.telemetry import Metrics
 from ckptd.daemon.watcher import watch_summary
 from ckptd.daemon.watches import WatchSet
@@ -50,14 +51,13 @@ class LedgerOpenError(CkptdError):
 @dataclass
 class RunState:
     ctx: RunContext
-    processor: RunProcessor
+    streams: RunStreams  # the run's trainer plan and one processor per weight stream
     tracker: ReadinessTracker = field(default_factory=ReadinessTracker)
     dirty: bool = True
     running: bool = False
     next_check: float | None = None
     last_scan: float = 0.0
     pending: int = 0
-    registered: bool = False  # the run's ledger row exists (written by the first job, never by the loop)
     failures: int = 0  # consecutive failed jobs: the backoff grows with them
 
 
@@ -151,15 +151,16 @@ class Daemon:
                     self.log.error("run.skipped", watch=watch.name, run_dir=str(run_dir), reason=str(exc))
                     continue
                 ctx = RunContext(watch=watch, policy=policy, run=name, run_dir=run_dir, output=output)
-                processor = RunProcessor(ctx, self.ledger, self.log, exporter=self.exports,
-                                         hooks=self.hooks, metrics=self.metrics)
-                self.runs[key] = RunState(ctx=ctx, processor=processor,
+                self.runs[key] = RunState(ctx=ctx, streams=RunStreams(ctx, self.ledger, self.log, self._processor),
                                           tracker=state.tracker if state else ReadinessTracker())
                 if state is None:
                     self.log.info("run.discovered", watch=watch.name, run=name, run_dir=str(run_dir),
                                   output=str(output))
         for key in [k for k in self.runs if k not in seen and not self.runs[k].running]:
             del self.runs[key]
+
+    def _processor(self, ctx: RunContext) -> RunProcessor:
+        return RunProcessor(ctx, self.ledger, self.log, exporter=self.exports, hooks=self.hooks, metrics=self.metrics)
 
     def _discovery_interval(self) -> float:
         return min([self.config.rescan_interval] + [w.poll_interval for w in self.config.watches
@@ -187,41 +188,12 @@ class Daemon:
         self._pool.submit(self._job, state).add_done_callback(lambda _future: self._wakeup.wake())
 
     def _job(self, state: RunState) -> None:
-        ctx, processor, tracker = state.ctx, state.processor, state.tracker
+        """Runs in a worker thread: plan, scan and process one run (the ledger is only touched here)."""
+        ctx = state.ctx
         settle = 0.0 if self.once else ctx.watch.settle
         try:
-            if not state.registered:
-                self.ledger.touch_run(ctx.watch.name, ctx.run, str(ctx.run_dir), str(ctx.output))
-                state.registered = True
-            with self.metrics.scan_duration.time():
-                candidates = scan_run(ctx.run_dir, ctx.watch)
-            tracker.forget_missing({o.path for o in candidates})
-            next_check: float | None = None
-            pending = 0
-            for obs in candidates:
-                if self.stopping:
-                    break
-                if processor.known(obs):
-                    continue
-                now = time.monotonic()
-                tracker.observe(obs, now)
-                if tracker.is_ready(obs, now, settle):
-                    outcome = processor.process(obs)
-                    self._last_action = f"{ctx.run}: {obs.path.name} {outcome}"
-                    if outcome == "retry":
-                        pending += 1
-                        next_check = min(next_check or now + max(settle, 1.0), now + max(settle, 1.0))
-                else:
-                    pending += 1
-                    deadline = tracker.deadline(obs, settle)
-                    when = deadline if deadline is not None else now + max(settle, 1.0)
-                    next_check = when if next_check is None else min(next_check, when)
-            if not processor.reconciled:
-                processor.reconcile()
-            if not self.stopping:
-                apply_retention(processor, time.time())
-            state.pending = pending
-            state.next_check = next_check
+            state.pending, state.next_check = state.streams.job(state.tracker, settle, lambda: self.stopping,
+                                                                self._note_action, self.metrics.scan_duration)
             if state.failures:
                 self.log.info("run.recovered", watch=ctx.watch.name, run=ctx.run, after_failures=state.failures)
             state.failures = 0
@@ -234,13 +206,15 @@ class Daemon:
             self.log.error("run.failed", watch=ctx.watch.name, run=ctx.run, reason=reason, failures=state.failures,
                            retry_in=f"{delay:g}s", exc_info=not expected(exc))
             try:
-                if state.registered:
-                    self.ledger.note_event(ctx.watch.name, ctx.run, "failed", error=reason)
+                self.ledger.note_event(ctx.watch.name, ctx.run, "failed", error=reason)
             except Exception:  # the ledger itself may be what failed; already logged  # noqa: BLE001
                 pass
             state.next_check = time.monotonic() + delay
         finally:
             state.running = False
+
+    def _note_action(self, text: str) -> None:
+        self._last_action = text
 
     # --- reload -----------------------------------------------------------------------------------------------
     def _do_reload(self) -> None:

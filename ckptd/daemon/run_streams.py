@@ -1,0 +1,116 @@
+"""One run's streams: its trainer plan, one processor per weight stream, and the job that feeds them.
+
+A run is scanned once per job; each ready candidate goes to the processor of every stream it feeds (ml-cvnets'
+``checkpoint_score_*`` to ``model``, ``checkpoint_ema_score_*`` to ``ema``; a timm file to both). Streams never
+mix: each has its own ledger rows, members, best, average, manifest and export, under ``{output}`` for ``model``
+and ``{output}/<stream>`` for the others. With ``trainer: auto`` the plan is recomputed on every job (a young run
+may not show its trainer yet) and a change is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from ckptd.daemon.config import run_plan
+from ckptd.daemon.discovery import Observation, scan_run
+from ckptd.daemon.ledger import Ledger
+from ckptd.daemon.pipeline import RunContext, RunProcessor, apply_retention
+from ckptd.daemon.readiness import ReadinessTracker
+from ckptd.trainers import RunPlan
+
+
+class RunStreams:
+    """The processors of one run, keyed by stream name (``model`` first when present)."""
+
+    def __init__(self, ctx: RunContext, ledger: Ledger, log: Any,
+                 make_processor: Callable[[RunContext], RunProcessor]) -> None:
+        self.ctx = ctx
+        self.ledger = ledger
+        self.log = log.bind(watch=ctx.watch.name, run=ctx.run)
+        self._make = make_processor
+        self.plan: RunPlan | None = None
+        self.processors: dict[str, RunProcessor] = {}
+
+    @property
+    def primary(self) -> RunProcessor | None:
+        return next(iter(self.processors.values()), None)
+
+    def refresh_plan(self) -> None:
+        """(Re)compute the trainer plan; create processors for new streams, keep those whose view is unchanged."""
+        plan = run_plan(self.ctx.watch, self.ctx.policy, self.ctx.run_dir)
+        if plan == self.plan:
+            return
+        previous, self.plan = self.plan, plan
+        if previous is None or previous.trainer != plan.trainer:
+            self.log.info("run.trainer", trainer=plan.trainer, reason=plan.detected_because,
+                          streams=[s.name for s in plan.streams], **({"was": previous.trainer} if previous else {}))
+        for problem in plan.problems:
+            if previous is None or problem not in previous.problems:
+                self.log.warning("run.plan_problem", reason=problem)
+        processors: dict[str, RunProcessor] = {}
+        for stream in plan.streams:
+            output = self.ctx.output if stream.name == "model" else self.ctx.output / stream.name
+            ctx = replace(self.ctx, output=output, stream=stream.name, plan=stream, allow_globals=plan.allow_globals)
+            old = self.processors.get(stream.name)
+            if old is not None and old.ctx == ctx:
+                processors[stream.name] = old
+                continue
+            self.ledger.touch_run(ctx.watch.name, ctx.run, str(ctx.run_dir), str(ctx.output), stream=stream.name)
+            processors[stream.name] = self._make(ctx)
+        self.processors = processors
+
+    def job(self, tracker: ReadinessTracker, settle: float, stopping: Callable[[], bool],
+            note: Callable[[str], None], scan_timer: Any = None) -> tuple[int, float | None]:
+        """Scan the run and process what is ready; returns (candidates still pending, when to look again).
+        ``scan_timer``: a Prometheus histogram timing the scan alone."""
+        self.refresh_plan()
+        with scan_timer.time() if scan_timer is not None else contextlib.nullcontext():
+            candidates = scan_run(self.ctx.run_dir, self.ctx.watch, self.plan)
+        present = {o.path for o in candidates}
+        tracker.forget_missing(present)
+        for proc in self.processors.values():
+            proc.forget_missing(present)
+        next_check: float | None = None
+        pending = 0
+        for obs in candidates:
+            if stopping():
+                break
+            todo = self._todo(obs)
+            if not todo:
+                continue
+            now = time.monotonic()
+            tracker.observe(obs, now)
+            if not tracker.is_ready(obs, now, settle):
+                pending += 1
+                deadline = tracker.deadline(obs, settle)
+                when = deadline if deadline is not None else now + max(settle, 1.0)
+                next_check = when if next_check is None else min(next_check, when)
+                continue
+            for proc in todo:
+                outcome = proc.process(obs)
+                note(f"{self.ctx.run}{'' if proc.ctx.stream == 'model' else '/' + proc.ctx.stream}: "
+                     f"{obs.path.name} {outcome}")
+                if outcome == "retry":
+                    pending += 1
+                    again = now + max(settle, 1.0)
+                    next_check = again if next_check is None else min(next_check, again)
+        for proc in self.processors.values():
+            if not proc.reconciled:
+                proc.reconcile()
+        if not stopping() and self.processors:
+            apply_retention(list(self.processors.values()), time.time())
+        return pending, next_check
+
+    def _todo(self, obs: Observation) -> list[RunProcessor]:
+        """The processors that still have to see ``obs`` (resume states are recorded by the primary, unread)."""
+        if obs.resume:
+            primary = self.primary
+            if primary is not None:
+                primary.record_resume(obs)
+            return []
+        procs = [self.processors[s] for s in obs.streams if s in self.processors]
+        return [p for p in procs if not p.known(obs)]
