@@ -9,11 +9,21 @@ DeepSpeed ``module`` · ``AveragedModel`` state (``module.`` + ``n_averaged``).
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+
+def is_tensor(value: Any) -> bool:
+    """``isinstance(value, torch.Tensor)`` without importing torch: no tensor exists before torch is imported, so
+    ``ckptd status``/``check`` (which never load a checkpoint) stay fast."""
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.Tensor)
+
 
 MAIN_KEYS = ("model_state_dict", "state_dict", "model", "module", "model_state", "net", "network", "weights")
 EMA_KEYS = ("ema_state_dict", "state_dict_ema", "model_ema", "ema", "ema_model", "ema_state")
@@ -35,7 +45,7 @@ def is_state_dict(obj: Any) -> bool:
     """A non-empty mapping of str -> tensor (a few non-tensor entries such as ``n_averaged``-style ints allowed)."""
     if not isinstance(obj, Mapping) or not obj:
         return False
-    tensors = sum(1 for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor))
+    tensors = sum(1 for k, v in obj.items() if isinstance(k, str) and is_tensor(v))
     return tensors > 0 and tensors == len(obj)
 
 
@@ -134,7 +144,7 @@ def find_model_weights(
         except KeyError as exc:
             raise LookupError(f"key path {key!r} not found (missing segment {exc.args[0]!r}); "
                               f"top-level keys: {_keys_preview(obj)}") from None
-        if not isinstance(value, Mapping) or not any(isinstance(v, torch.Tensor) for v in value.values()):
+        if not isinstance(value, Mapping) or not any(is_tensor(v) for v in value.values()):
             raise LookupError(f"key path {key!r} does not hold a state dict of tensors")
         # an explicit key in a Lightning checkpoint (state_dict, current_model_state, an EMA callback's weights)
         # holds the LightningModule's weights: its attribute prefix goes, as in the auto-detected case
@@ -158,7 +168,7 @@ def find_model_weights(
             layout = _layout_name(candidate, lightning, obj)
             return _finish(candidate, layout, value, strip, lightning=lightning and candidate == "state_dict")
     # a mapping with tensors mixed with other entries (e.g. a state dict plus an 'epoch' int)
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and is_tensor(v)}
     if tensors and len(tensors) >= len(obj) / 2:
         return _finish("", "plain-mixed", tensors, strip, lightning=False)
     raise LookupError(f"no model weights found; top-level keys: {_keys_preview(obj)} "
@@ -183,7 +193,7 @@ def _finish(key: str, layout: str, state: Mapping[str, Any], strip: Sequence[str
     stripped: tuple[str, ...] = ()
     if averaged is not None:
         state, stripped = averaged, ("module.",)
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in state.items() if is_tensor(v)}
     if not tensors:
         raise LookupError(f"{key or 'the checkpoint'} holds no tensors")
     if lightning:

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ckptd.errors import MetricError
-from ckptd.layouts import resolve_key_path
+from ckptd.layouts import is_tensor, resolve_key_path
 
 KINDS = ("checkpoint", "filename", "sidecar", "trainer_state", "lightning")
 
@@ -68,7 +66,7 @@ def parse_source(text: str | Mapping[str, Any]) -> ValueSource:
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, torch.Tensor):
+    if is_tensor(value):
         if value.numel() != 1:
             raise MetricError(f"{where} is a tensor with {value.numel()} elements, not a scalar")
         value = value.item()
@@ -237,7 +235,7 @@ def metric_candidates(obj: Any, path: str | Path, metadata: Mapping[str, str] | 
                 value = resolve_key_path(container, place)
             except (KeyError, TypeError):
                 continue
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
+            if is_tensor(value) and value.numel() == 1:
                 value = value.item()
             if isinstance(value, (int, float, str)) or (isinstance(value, Mapping) and len(value) < 20):
                 found[place] = value

@@ -113,8 +113,6 @@ def test_status_read_model_does_not_import_torch() -> None:
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="ckptd.daemon.config imports ckptd.metric_sources (and ckptd.layouts), "
-                   "which import torch at module level; make those lazy, then drop this mark")
 def test_status_and_check_commands_do_not_import_torch(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     code = ("import sys; from ckptd.cli import main; rc = [main(['check', '-c', sys.argv[1]]), "

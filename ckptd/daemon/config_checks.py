@@ -20,7 +20,7 @@ class Problems:
         self.items: list[str] = []
 
     def add(self, path: str, message: str) -> None:
-        self.items.append(f"{path}: {message}")
+        self.items.append(f"{path or '(top level)'}: {message}")
 
 
 MISSING = object()
