@@ -5,8 +5,14 @@
    average.safetensors). The baseline measured in the same run: one streamed average of 5 such models.
 2. Idle CPU: the daemon watching 100 empty runs for 60 s (utime+stime from /proc).
 
+3. Training-state files (``--training-state``): 720 MB checkpoints (240 MB model + 480 MB Adam state), k = 5;
+   rename -> published, against the work that cannot be avoided, measured in the same run: one in-process
+   streamed average of the k members plus one durable (fsynced) model-size write. ``--src DIR`` runs the daemon
+   from another checkout (e.g. a ``git worktree`` of an older commit) to get the "before" figure on the same files.
+
     python bench/daemon.py                       # full: 50 checkpoints of 100 MiB, 60 s idle
     python bench/daemon.py --mb 20 --n 10 --idle 10   # quick
+    python bench/daemon.py --training-state --n 10 [--src /tmp/ckptd-before]
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
+SRC = REPO  # the checkout the daemon runs from (--src)
+
+
 def start_daemon(cfg: dict, work: Path) -> subprocess.Popen:
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(SRC))
     log = open(work / "daemon.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "run", "-c", str(path)], stdout=log, stderr=log,
                             env=env)
@@ -108,6 +117,72 @@ def latency(work: Path, mb: int, n: int) -> None:
           "(sha256 of the source, pinned member copy, best.safetensors, fsyncs, manifest, detection)")
 
 
+def wait_published(manifest: Path, final: Path, t0: float, work: Path) -> float:
+    while True:
+        try:
+            if str(final) in manifest.read_text():
+                return time.perf_counter() - t0
+        except OSError:
+            pass
+        if time.perf_counter() - t0 > 300:
+            raise RuntimeError("timed out: " + (work / "daemon.log").read_text()[-2000:])
+        time.sleep(0.002)
+
+
+def training_state(work: Path, n: int, model_mb: int = 240) -> None:
+    """720 MB training-state checkpoints: is identity/hashing still reading the optimizer state?"""
+    root = work / "train"
+    run = root / "exp"
+    run.mkdir(parents=True)
+    cfg = config(work, root, "*")
+    cfg["watches"][0]["settle"] = "30s"  # only the rename (the commit signal) may make it ready
+    proc = start_daemon(cfg, work)
+    per = model_mb * 2**20 // 4 // 8
+    base = {f"layer{j}.weight": torch.randn(per // 512, 512) for j in range(8)}
+    optim = {"state": {j: {"exp_avg": torch.randn(per // 512, 512), "exp_avg_sq": torch.rand(per // 512, 512),
+                           "step": torch.tensor(1.0)} for j in range(8)}, "param_groups": [{"lr": 1e-3}]}
+    lat: list[float] = []
+    manifest = work / "out/bench/exp/manifest.json"
+    try:
+        for i in range(n):
+            state = {"model_state_dict": {k: v + i * 0.01 for k, v in base.items()}, "optim_state_dict": optim,
+                     "metric": float(i), "iterations": i}
+            tmp, final = run / f"training_checkpoint_{i:03d}.pt.tmp", run / f"training_checkpoint_{i:03d}.pt"
+            torch.save(state, tmp)
+            os.sync()
+            os.system("sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null")  # cold reads, as on a real host
+            t0 = time.perf_counter()
+            os.replace(tmp, final)
+            lat.append(wait_published(manifest, final, t0, work))
+            for old in sorted(run.glob("training_checkpoint_*.pt"))[:-6]:
+                old.unlink()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    size = final.stat().st_size
+    members = sorted((work / "out/bench/exp/members").glob("*.safetensors"))
+    from ckptd.averaging import average_checkpoints
+    from ckptd.safetensors_io import save_safetensors
+
+    avg_times, write_times = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        average_checkpoints(members, work / "baseline_avg.safetensors")
+        avg_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        save_safetensors(work / "baseline_write.safetensors", base)  # temp, fsync, rename, fsync dir
+        write_times.append(time.perf_counter() - t0)
+    floor = statistics.median(avg_times) + statistics.median(write_times)
+    steady = lat[5:] if len(lat) > 6 else lat
+    med = statistics.median(steady)
+    print(f"TRAINING STATE rename -> published ({n} files of {size / 1e6:.0f} MB, model {model_mb} MiB, k=5, "
+          f"daemon from {SRC})")
+    print(f"  k full     median {med:.3f} s   max {max(steady):.3f} s   (after the first 5)")
+    print(f"  floor      streamed average of {len(members)} members {statistics.median(avg_times):.3f} s + one "
+          f"durable model-size write {statistics.median(write_times):.3f} s = {floor:.3f} s")
+    print(f"  ratio      latency / floor = {med / floor:.2f}")
+
+
 def idle_cpu(work: Path, seconds: float, runs: int = 100) -> None:
     root = work / "idle"
     for r in range(runs):
@@ -132,9 +207,16 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=100)
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--idle", type=float, default=60)
+    ap.add_argument("--training-state", action="store_true", help="720 MB training-state files (see above)")
+    ap.add_argument("--src", type=Path, default=REPO, help="run the daemon from this checkout")
     args = ap.parse_args()
+    global SRC
+    SRC = args.src.resolve()
     work = Path(tempfile.mkdtemp(prefix="ckptd-bench-"))
     try:
+        if args.training_state:
+            training_state(work, args.n)
+            return
         latency(work, args.mb, args.n)
         idle_cpu(work, args.idle)
     finally:

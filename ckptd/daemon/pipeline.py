@@ -11,6 +11,7 @@ and recovery (``ckptd.daemon.recovery``) republishes from the ledger if it got a
 from __future__ import annotations
 
 import errno
+import math
 import os
 import threading
 import time
@@ -375,7 +376,10 @@ class RunProcessor:
         """Why ``weights`` must not be published ('' if fine): non-finite values, or not this run's architecture
         (names, shapes and dtype kinds of the members). Checked before any output is touched."""
         for key, t in weights.items():
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            # one cheap pass (a sum) for every tensor; the exact element check only when the sum is not finite
+            # (NaN/Inf inside, or a sum that overflowed)
+            if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum())) \
+                    and not bool(torch.isfinite(t).all()):
                 return str(NonFiniteError(f"tensor {key!r} holds NaN or Inf; not published, not averaged"))
         if not members:
             return ""
