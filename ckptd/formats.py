@@ -20,6 +20,7 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".pkl")
 _ZIP_MAGIC = b"PK\x03\x04"
 # Legacy (pre-1.6) torch.save files and plain pickles start with a pickle protocol opcode.
 _PICKLE_PROTO = 0x80
+_SAFETENSORS_MAX_FILE = 1 << 46  # 64 TiB: a header declaring more is a lie, not a file still being written
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -179,6 +180,9 @@ def parse_safetensors_header(p: Path, size: int, read: Callable[[int, int], byte
             raise CheckpointError(p, f"is corrupt: tensors {prev!r} and {name!r} overlap")
     end = max((stop for _, stop, _ in ranges), default=0)
     expected = 8 + n + end
+    if expected > _SAFETENSORS_MAX_FILE:
+        raise CheckpointError(p, f"is corrupt: its safetensors header declares {expected} bytes of data, more than "
+                                 "any real checkpoint (not waited for)")
     if expected != size:
         if size < expected:
             raise IncompleteCheckpointError(

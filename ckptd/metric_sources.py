@@ -14,7 +14,6 @@ Every reader says *where* it found the value (:func:`find_value`), so ``ckptd ch
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.errors import MetricError
+from ckptd.file_checks import read_json
 from ckptd.layouts import is_tensor, resolve_key_path
 
 KINDS = ("checkpoint", "filename", "sidecar", "trainer_state", "lightning")
@@ -113,7 +113,7 @@ def read_source_where(source: ValueSource, path: str | Path, obj: Any = None,
     if source.kind == "sidecar":
         side = p.parent / source.spec.format(stem=p.name if p.is_dir() else p.stem, name=p.name)
         try:
-            data = json.loads(side.read_text())
+            data = read_json(side)
         except FileNotFoundError:
             raise MetricError(f"sidecar {side.name} not found") from None
         except (OSError, ValueError) as exc:
@@ -136,7 +136,7 @@ def _hf_trainer_state(p: Path, key: str, group: str) -> tuple[float, str]:
     ``best_metric`` is the best so far and is never used)."""
     state_file = (p if p.is_dir() else p.parent) / "trainer_state.json"
     try:
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file)
     except (OSError, ValueError) as exc:
         raise MetricError(f"{state_file.name} unreadable: {exc}") from None
     step = state.get("global_step")

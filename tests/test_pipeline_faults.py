@@ -206,3 +206,96 @@ def test_cleanup_never_removes_a_temp_file_still_being_written(tmp_path: Path) -
         assert tmp.exists()
         tmp.write_bytes(b"complete")
     assert final.read_bytes() == b"complete"
+
+
+# --- found by attacking the integrated daemon (a trainer's and an attacker's files) -----------------------------
+
+def _streams(tmp_path: Path, **policy: object):
+    from ckptd.daemon.run_streams import RunStreams
+
+    proc, run_dir, ledger = _processor(tmp_path, **policy)
+    streams = RunStreams(proc.ctx, ledger, get_logger(), lambda ctx: RunProcessor(ctx, ledger, get_logger()))
+    return streams, run_dir, ledger
+
+
+def _job(streams) -> None:
+    from ckptd.daemon.readiness import ReadinessTracker
+
+    streams.job(ReadinessTracker(), 0.0, lambda: False, lambda _text: None)
+
+
+def test_hf_folder_whose_weights_link_outside_the_root_is_refused(tmp_path: Path, tiny) -> None:
+    from safetensors.torch import save_file
+
+    streams, run_dir, ledger = _streams(tmp_path, metric={"sources": [{"trainer_state": "eval_loss"}], "mode": "min"})
+    secret = tmp_path / "elsewhere" / "private.safetensors"
+    secret.parent.mkdir()
+    save_file(tiny(seed=5).state_dict(), secret)
+    folder = run_dir / "checkpoint-2"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(secret)
+    (folder / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 2, "log_history": [{"step": 2, "eval_loss": 0.1}]}))
+    _job(streams)
+    assert not (streams.ctx.output / "best.safetensors").exists()
+    [row] = ledger.known_files("w", "exp")
+    assert row.status == "invalid" and "outside the watch root" in (row.reason or "")
+    ledger.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_sidecar_or_checkpoint_never_hangs_the_run(tmp_path: Path, tiny) -> None:
+    streams, run_dir, ledger = _streams(tmp_path, metric={"sources": [{"sidecar": "{stem}.json"}], "mode": "max"})
+    torch.save({"model_state_dict": tiny(seed=1).state_dict()}, run_dir / "a.pt")
+    os.mkfifo(run_dir / "a.json")  # the sidecar: a read would block forever
+    os.mkfifo(run_dir / "b.pt")  # a "checkpoint": the same
+    torch.save({"model_state_dict": tiny(seed=2).state_dict()}, run_dir / "c.pt")
+    (run_dir / "c.json").write_text(json.dumps({"metric": 0.7}))
+    _job(streams)
+    rows = {Path(r.path).name: r for r in ledger.known_files("w", "exp")}
+    assert rows["a.pt"].status == "unranked"  # its sidecar is refused as a FIFO: no metric, not a hang
+    assert rows["b.pt"].status == "invalid" and "FIFO" in (rows["b.pt"].reason or "")
+    assert rows["c.pt"].status == "done"
+    ledger.close()
+
+
+def test_a_file_name_that_is_not_utf8_does_not_block_its_run(tmp_path: Path, tiny) -> None:
+    streams, run_dir, ledger = _streams(tmp_path)
+    bad = os.path.join(os.fsencode(run_dir), b"latin1-\xe9poch_score_0.9.pt")
+    with open(bad, "wb") as fh:
+        torch.save({"model_state_dict": tiny(seed=1).state_dict(), "metric": 0.9}, fh)
+    _save(tiny, run_dir / "good.pt", 2, 0.5)
+    _job(streams)
+    _job(streams)  # and again: still not stuck, logged once
+    assert [Path(r.path).name for r in ledger.known_files("w", "exp")] == ["good.pt"]
+    assert json.loads((streams.ctx.output / "manifest.json").read_text())["best"]["metric"] == 0.5
+    ledger.close()
+
+
+def test_a_reader_of_the_fixed_names_never_sees_the_manifest_name_a_missing_file(tmp_path: Path, tiny) -> None:
+    proc, run_dir, ledger = _processor(tmp_path)
+    out = proc.ctx.output
+    stop, bad, seen = threading.Event(), [], [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                manifest = json.loads((out / "manifest.json").read_text())
+            except (OSError, ValueError):
+                continue
+            seen[0] += 1
+            if manifest.get("best") and not (out / "best.safetensors").exists():
+                bad.append("best")
+            if (manifest.get("average") or {}).get("path") and not (out / "average.safetensors").exists():
+                bad.append("average")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(8):  # the first publication and the first average are the risky moments
+            proc.process(_obs(_save(tiny, run_dir / f"c{i}.pt", i, 0.1 + i / 10)))
+    finally:
+        stop.set()
+        t.join()
+    assert seen[0] > 5 and not bad
+    ledger.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ckptd.atomic import TEMP_PREFIX
 from ckptd.daemon.config import Watch
+from ckptd.file_checks import refusal
 from ckptd.formats import HF_ADAPTER_FILES, HF_MODEL_FILES
 from ckptd.trainers import RunPlan
 
@@ -33,6 +34,7 @@ class Observation:
     commit_ok: bool = True  # folder formats: is the commit marker (.metadata / index) at least as new as the data?
     streams: tuple[str, ...] = ("model",)  # the weight streams this candidate feeds (from the trainer plan)
     resume: str = ""  # a resume state (why): recorded, never loaded or ranked
+    refused: str = ""  # why it must not be opened at all (a FIFO or device named like a checkpoint)
 
     @property
     def signature(self) -> tuple[int, int]:
@@ -131,9 +133,9 @@ def _add(found: list[Observation], path: Path, is_dir: bool, **kw: object) -> No
             obs = observe_folder(path, kind) if kind else None
         else:
             st = os.stat(path)  # follows a symlinked file; discovery never writes through it
-            if not stat.S_ISREG(st.st_mode):
-                return  # a FIFO or device (hostile or accidental) would block or never end a read
             obs = Observation(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block a read or never end it
+                kw = {**kw, "refused": refusal(path, path.parent) or "is not a regular file; not read"}
     except OSError:
         return  # vanished mid-scan: the trainer deleted it
     if obs is not None:

@@ -18,6 +18,7 @@ from ckptd.daemon.discovery import list_runs, walk_run
 from ckptd.daemon.paths import resolve_output, run_name
 from ckptd.daemon.policy import Record, ranked
 from ckptd.errors import CkptdError
+from ckptd.file_checks import refusal
 from ckptd.metric_sources import find_value
 from ckptd.trainers import StreamPlan, pick_weights
 
@@ -92,7 +93,9 @@ def explain_run(watch: Watch, policy: Policy, run_dir: Path, output: Path | None
         elif verdict.kind == "resume":
             resume.append({"path": rel, "reason": verdict.reason + " (recorded, not ranked)"})
         else:
-            loaded.append((rel, run_dir / rel, *_load(run_dir / rel, allow)))
+            refused = refusal(run_dir / rel, watch.root)  # FIFOs, devices, symlinks out of the root: never opened
+            loaded.append((rel, run_dir / rel, None, None, refused) if refused else
+                          (rel, run_dir / rel, *_load(run_dir / rel, allow)))
     return {
         "watch": watch.name, "run": run_name(watch.root, run_dir), "run_dir": str(run_dir),
         "output": str(output) if output else None, "trainer": plan.trainer,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +46,7 @@ from ckptd.errors import (
     NonFiniteError,
     WeightsNotFoundError,
 )
+from ckptd.file_checks import refusal
 from ckptd.formats import check_complete, safetensors_header
 from ckptd.metric_sources import ValueSource, first_value
 from ckptd.model_state import compare_state
@@ -284,6 +284,14 @@ class RunProcessor:
         self._final[str(obs.path)] = obs.signature
         self.log.info("checkpoint.resume_state", checkpoint=str(obs.path), action="record", reason=obs.resume)
 
+    def record_refused(self, obs: Observation) -> None:
+        """Something discovery will not hand to a reader (a FIFO, a device named like a checkpoint): one log line
+        and an invalid record, once per file version."""
+        if self.known(obs):
+            return
+        self.log.error("checkpoint.invalid", checkpoint=str(obs.path), action="ignore", reason=obs.refused)
+        self._invalid(obs, obs.refused)
+
     def _failed(self, obs: Observation, exc: Exception) -> str:
         reason = f"{type(exc).__name__}: {exc}"
         self._record(obs, status="failed", reason=reason, attempt=True)
@@ -331,7 +339,7 @@ class RunProcessor:
             return "incomplete"
         except CheckpointError:
             pass  # corrupt or foreign: the load below reports it, once, as invalid
-        outside = _outside(path, self.ctx.watch.root)
+        outside = refusal(path, self.ctx.watch.root)  # a symlink out of the root (also inside a folder), a FIFO
         if outside:
             self.log.error("checkpoint.invalid", checkpoint=str(path), action="ignore", reason=outside)
             return self._invalid(obs, outside)
@@ -450,8 +458,7 @@ class RunProcessor:
             self._publish(members, self._manifest(members, done), best_changed=decision.new_best,
                           average_changed=average_changed, before_commit=commit_ledger)
         self._final[str(obs.path)] = obs.signature
-        recovery.remove_evicted([files[g.ckpt_id] for g in decision.evicted
-                                 if g.ckpt_id in files and files[g.ckpt_id] != str(new_file)])
+        recovery.prune_members(out, {m.file for m in members})  # evicted copies, once no kept generation names them
         if decision.new_best:
             self.metrics.success("best")
         if average_changed:
@@ -507,15 +514,6 @@ def apply_retention(processors: list[RunProcessor], now: float) -> int:
         first.log.info("retention.deleted", checkpoint=str(path), action="delete", reason=reason)
         deleted += 1
     return deleted
-
-
-def _outside(path: Path, root: Path) -> str:
-    """Why a candidate must not be read because it leads outside its watch root (a symlink), or ''."""
-    real = os.path.realpath(path)
-    root_real = os.path.realpath(root)
-    if real != root_real and not real.startswith(root_real.rstrip("/") + "/"):
-        return f"leads outside the watch root {root} (to {real}); not read"
-    return ""
 
 
 def _unchanged(obs: Observation) -> bool:

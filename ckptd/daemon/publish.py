@@ -105,13 +105,16 @@ class Generation:
         final = self.root / f"{_next_number(self.root):010d}"
         os.rename(self.dir, final)
         fsync_dir(self.root)
+        # the fixed names first: one that is new dangles into the old generation (reads as absent, as the old
+        # manifest says) until the swap, so a reader never finds the new manifest naming a file not there yet
+        _link_names(self.output, final)
         link_tmp = self.output / f"{TEMP_PREFIX}{CURRENT}.{secrets.token_hex(4)}"
         os.symlink(os.path.join(GENERATIONS, final.name), link_tmp)
         os.replace(link_tmp, self.output / CURRENT)
         self.committed = final
         with _building_lock:
             _building.discard(self.dir)
-        _point_names(self.output, final)
+        _unlink_absent(self.output, final)
         fsync_dir(self.output)
         _remove_old(self.root, keep={final.name} | ({self.previous.name} if self.previous else set()))
         return final
@@ -127,21 +130,35 @@ def _next_number(root: Path) -> int:
     return max(numbers, default=0) + 1
 
 
-def _point_names(output: Path, generation: Path) -> None:
-    """Each published name is a fixed symlink into ``current``; a name the generation lacks is removed (it reads
-    as absent either way); a regular file from an older ckptd is replaced by its link atomically."""
+def _link_names(output: Path, generation: Path) -> None:
+    """Each published name is a fixed symlink into ``current``, created before the swap for every name the new
+    generation has; a regular file from an older ckptd is replaced by its link atomically."""
     for name in PUBLISHED:
         fixed = output / name
         want = os.path.join(CURRENT, name)
-        if (generation / name).is_file():
-            if os.path.islink(fixed) and os.readlink(fixed) == want:
-                continue
-            tmp = output / f"{TEMP_PREFIX}{name}.link.{secrets.token_hex(4)}"
-            os.symlink(want, tmp)
-            os.replace(tmp, fixed)
-        elif os.path.islink(fixed):
+        if not (generation / name).is_file() or (os.path.islink(fixed) and os.readlink(fixed) == want):
+            continue
+        tmp = output / f"{TEMP_PREFIX}{name}.link.{secrets.token_hex(4)}"
+        os.symlink(want, tmp)
+        os.replace(tmp, fixed)
+
+
+def _unlink_absent(output: Path, generation: Path) -> None:
+    """After the swap: a name the published generation lacks is removed (it reads as absent either way)."""
+    for name in PUBLISHED:
+        fixed = output / name
+        if not (generation / name).is_file() and os.path.islink(fixed):
             with contextlib.suppress(FileNotFoundError):
                 fixed.unlink()
+
+
+def kept_generations(output: Path) -> list[Path]:
+    """The committed generations still on disk (the published one and the one before it)."""
+    root = output / GENERATIONS
+    try:
+        return sorted(p for p in root.iterdir() if p.name.isdigit())
+    except OSError:
+        return []
 
 
 def _remove_old(root: Path, keep: set[str]) -> None:

@@ -11,14 +11,15 @@ Runs before a processor's first job (daemon start, reload, a run re-created afte
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd.atomic import cleanup_stale_temps
 from ckptd.daemon.ledger import MemberRow
-from ckptd.daemon.outputs import AVERAGE, BEST, MEMBERS_DIR, published_manifest
+from ckptd.daemon.outputs import AVERAGE, BEST, MANIFEST, MEMBERS_DIR, published_manifest
 from ckptd.daemon.policy import Record, ranked
-from ckptd.daemon.publish import cleanup_stale_generations
+from ckptd.daemon.publish import cleanup_stale_generations, kept_generations
 from ckptd.errors import CheckpointError, CkptdError
 from ckptd.formats import safetensors_header
 
@@ -46,11 +47,9 @@ def reconcile(proc: RunProcessor) -> None:
         with proc.ledger.transaction() as db:
             proc.ledger.set_members(db, proc.ctx.watch.name, proc.ctx.run, kept, stream=proc.ctx.stream)
         kept = proc.members()
-    referenced = {Path(m.file).name for m in kept}
-    for f in (out / MEMBERS_DIR).glob("*.safetensors"):
-        if f.name not in referenced:
-            f.unlink(missing_ok=True)
-            log.info("member.orphan_removed", file=str(f), reason="not a member in the ledger")
+    for f in prune_members(out, {m.file for m in kept}):
+        log.info("member.orphan_removed", file=str(f), reason="not a member in the ledger nor named by a kept "
+                 "generation")
     if changed or not published_matches(proc, kept):
         proc.republish(kept, reason="the published outputs did not match the ledger")
     proc.reconciled = True
@@ -128,7 +127,7 @@ def published_matches(proc: RunProcessor, members: list[MemberRow]) -> bool:
     """Do the committed manifest and files describe exactly these members?"""
     out, policy = proc.ctx.output, proc.ctx.policy
     manifest = published_manifest(out)
-    if manifest is None:
+    if manifest is None or not (out / MANIFEST).is_file():
         return False
     best = manifest.get("best") or {}
     average = manifest.get("average") or {}
@@ -142,8 +141,24 @@ def published_matches(proc: RunProcessor, members: list[MemberRow]) -> bool:
     return needs_average == (out / AVERAGE).is_file()
 
 
-def remove_evicted(files: list[str]) -> None:
-    """Evicted member copies go only after the generation that no longer names them is committed."""
-    for f in files:
-        with contextlib.suppress(OSError):
-            Path(f).unlink()
+def prune_members(output: Path, keep: set[str]) -> list[Path]:
+    """Remove member copies that neither the ledger's members (``keep``) nor any kept generation's manifest name:
+    an evicted member stays while the previous generation (kept for readers in the middle of it) names it."""
+    names = {Path(f).name for f in keep}
+    for gen in kept_generations(output):
+        try:
+            manifest = json.loads((gen / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        for entry in [manifest.get("best") or {}, *((manifest.get("average") or {}).get("members") or [])]:
+            for key in ("path", "member_path"):
+                value = entry.get(key)
+                if isinstance(value, str) and value.startswith(MEMBERS_DIR + "/"):
+                    names.add(Path(value).name)
+    removed = []
+    for f in (output / MEMBERS_DIR).glob("*.safetensors"):
+        if f.name not in names:
+            with contextlib.suppress(OSError):
+                f.unlink()
+                removed.append(f)
+    return removed

@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ckptd.daemon.config import run_plan
@@ -21,6 +22,16 @@ from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.pipeline import RunContext, RunProcessor, apply_retention
 from ckptd.daemon.readiness import ReadinessTracker
 from ckptd.trainers import RunPlan
+
+
+def _recordable(path: Path) -> bool:
+    """Can the ledger (UTF-8 text) hold this path? A name of undecodable bytes (latin-1 on a UTF-8 host)
+    cannot, and must not stall the run."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class RunStreams:
@@ -34,6 +45,7 @@ class RunStreams:
         self._make = make_processor
         self.plan: RunPlan | None = None
         self.processors: dict[str, RunProcessor] = {}
+        self._unnamed: set[Path] = set()  # files whose names cannot be recorded (logged once each)
 
     @property
     def primary(self) -> RunProcessor | None:
@@ -51,6 +63,11 @@ class RunStreams:
         for problem in plan.problems:
             if previous is None or problem not in previous.problems:
                 self.log.warning("run.plan_problem", reason=problem)
+        for name, why in plan.disabled:
+            if name in self.processors:
+                self.log.warning("stream.disabled", stream=name, reason=f"{why}; its outputs stay as last published")
+                self.ledger.note_event(self.ctx.watch.name, self.ctx.run, "stream_off", stream=name,
+                                       error=f"stream switched off ({why}); outputs as last published")
         processors: dict[str, RunProcessor] = {}
         for stream in plan.streams:
             output = self.ctx.output if stream.name == "model" else self.ctx.output / stream.name
@@ -71,6 +88,7 @@ class RunStreams:
         with scan_timer.time() if scan_timer is not None else contextlib.nullcontext():
             candidates = scan_run(self.ctx.run_dir, self.ctx.watch, self.plan)
         present = {o.path for o in candidates}
+        self._unnamed &= present
         tracker.forget_missing(present)
         for proc in self.processors.values():
             proc.forget_missing(present)
@@ -79,6 +97,12 @@ class RunStreams:
         for obs in candidates:
             if stopping():
                 break
+            if not _recordable(obs.path):
+                if obs.path not in self._unnamed:
+                    self._unnamed.add(obs.path)
+                    self.log.error("checkpoint.invalid", checkpoint=repr(str(obs.path)), action="ignore",
+                                   reason="its file name is not valid UTF-8, so it cannot be recorded; rename it")
+                continue
             todo = self._todo(obs)
             if not todo:
                 continue
@@ -107,10 +131,10 @@ class RunStreams:
 
     def _todo(self, obs: Observation) -> list[RunProcessor]:
         """The processors that still have to see ``obs`` (resume states are recorded by the primary, unread)."""
-        if obs.resume:
+        if obs.resume or obs.refused:
             primary = self.primary
             if primary is not None:
-                primary.record_resume(obs)
+                (primary.record_refused if obs.refused else primary.record_resume)(obs)
             return []
         procs = [self.processors[s] for s in obs.streams if s in self.processors]
         return [p for p in procs if not p.known(obs)]

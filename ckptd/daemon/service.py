@@ -196,6 +196,7 @@ class Daemon:
                                                                 self._note_action, self.metrics.scan_duration)
             if state.failures:
                 self.log.info("run.recovered", watch=ctx.watch.name, run=ctx.run, after_failures=state.failures)
+                self.ledger.note_event(ctx.watch.name, ctx.run, "recovered", clear_error=True)  # status: no stale error
             state.failures = 0
         except Exception as exc:  # one run's failure must never take the daemon down
             self.failures += 1
