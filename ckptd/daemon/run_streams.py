@@ -56,7 +56,7 @@ class RunStreams:
         plan = run_plan(self.ctx.watch, self.ctx.policy, self.ctx.run_dir)
         if plan == self.plan:
             return
-        previous, self.plan = self.plan, plan
+        previous = self.plan
         if previous is None or previous.trainer != plan.trainer:
             self.log.info("run.trainer", trainer=plan.trainer, reason=plan.detected_because,
                           streams=[s.name for s in plan.streams], **({"was": previous.trainer} if previous else {}))
@@ -78,7 +78,7 @@ class RunStreams:
                 continue
             self.ledger.touch_run(ctx.watch.name, ctx.run, str(ctx.run_dir), str(ctx.output), stream=stream.name)
             processors[stream.name] = self._make(ctx)
-        self.processors = processors
+        self.processors, self.plan = processors, plan  # only once every stream is set up (a full ledger retries)
 
     def job(self, tracker: ReadinessTracker, settle: float, stopping: Callable[[], bool],
             note: Callable[[str], None], scan_timer: Any = None) -> tuple[int, float | None]:
