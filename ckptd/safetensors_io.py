@@ -16,7 +16,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -126,6 +126,21 @@ def save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
         writer.close()
 
 
+def _entries(p: Path, header: dict) -> Iterator[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
+    """(name, dtype, shape, start, stop) of each tensor in a parsed header, checked: a size that disagrees with
+    the shape, a negative dimension or an unknown dtype is corruption, named."""
+    for name, info in header.items():
+        try:
+            dtype = ST_TO_DTYPE[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, stop = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(p, f"is corrupt: bad header entry for tensor {name!r} ({exc})") from None
+        if any(n < 0 for n in shape) or stop - start != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(p, f"is corrupt: tensor {name!r} size disagrees with its shape {shape}")
+        yield name, dtype, shape, start, stop
+
+
 @dataclass
 class MappedSafetensors:
     tensors: dict[str, torch.Tensor]
@@ -143,16 +158,8 @@ def open_safetensors(path: str | Path) -> MappedSafetensors:
         base = 8 + struct.unpack("<Q", fh.read(8))[0]
         size = os.fstat(fh.fileno()).st_size
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-    for name, info in header.items():
-        try:
-            dtype = ST_TO_DTYPE[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, stop = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(p, f"is corrupt: bad header entry for tensor {name!r} ({exc})") from None
+    for name, dtype, shape, start, _stop in _entries(p, header):
         count = math.prod(shape)
-        if stop - start != count * dtype.itemsize:
-            raise CheckpointError(p, f"is corrupt: tensor {name!r} size disagrees with its shape {shape}")
         if count == 0 or mm is None:
             tensors[name] = torch.empty(shape, dtype=dtype)
         else:
@@ -170,15 +177,7 @@ def read_safetensors_placeholders(source: FileSource, lazy: LazyTensors) -> tupl
     if not isinstance(metadata, dict):
         raise CheckpointError(p, "is corrupt: safetensors __metadata__ is not an object")
     tensors: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        try:
-            dtype = ST_TO_DTYPE[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            start, stop = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(p, f"is corrupt: bad header entry for tensor {name!r} ({exc})") from None
-        if any(n < 0 for n in shape) or stop - start != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(p, f"is corrupt: tensor {name!r} size disagrees with its shape {shape}")
+    for name, dtype, shape, start, stop in _entries(p, header):
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
         ref = TensorRef(StorageRef(source, base + start, stop - start, name), dtype, shape, stride, 0)
         tensors[name] = lazy.placeholder(ref)
