@@ -368,8 +368,8 @@ def test_lightning_run_with_two_monitors_and_ema(tmp_path: Path) -> None:
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(Lit(), loader, loader)
 
-    _, config = _config(tmp_path, tmp_path / "train", {"metric": {"name": "val_loss", "mode": "min"},
-                                                       "average": {"top_k": 2}})
+    config_path, config = _config(tmp_path, tmp_path / "train", {"metric": {"name": "val_loss", "mode": "min"},
+                                                                  "average": {"top_k": 2}})
     r = explain_run(config.watches[0], config.policies["default"], run)
     assert r["trainer"] == "lightning"
     streams = {s["name"]: s for s in r["streams"]}
@@ -389,3 +389,8 @@ def test_lightning_run_with_two_monitors_and_ema(tmp_path: Path) -> None:
     assert {c["weights_key"] for c in streams["model"]["candidates"]} == {"current_model_state"}
     assert {c["weights_key"] for c in streams["ema"]["candidates"]} == {"state_dict"}
     assert [x["path"] for x in r["resume_states"]] == ["last.ckpt"]
+    # the real daemon: model and EMA streams, each with val_loss's own top-2 (never the val_acc file)
+    _daemon_once(config_path)
+    out = tmp_path / "out" / "w" / "lit"
+    assert sorted(_member_names(out)) == sorted(theirs) == sorted(_member_names(out / "ema"))
+    assert _manifest(out)["best"]["metric"] == pytest.approx(float(by_loss.best_model_score), abs=0)
