@@ -20,6 +20,9 @@ class Problems:
         self.items: list[str] = []
 
     def add(self, path: str, message: str) -> None:
+        # a key with a newline or other control character must not break the one-problem-per-line format
+        if not path.isprintable():
+            path = repr(path)[1:-1]
         self.items.append(f"{path or '(top level)'}: {message}")
 
 

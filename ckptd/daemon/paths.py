@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ckptd.errors import OutputPathError
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
+_SAFE_NAME = re.compile(r"^[^\W_][\w.+=@-]*$")  # letters (any script), digits, ._+=@- ; no separators, no spaces
 
 
 def safe_component(name: str) -> str:

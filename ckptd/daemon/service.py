@@ -76,6 +76,7 @@ class Daemon:
             self.log.warning("ledger.rebuilt", ledger=str(path), reason=rebuilt)
         self.notifier = Notifier()
         self.runs: dict[tuple[str, Path], RunState] = {}
+        self._refused_runs: set[tuple[str, Path]] = set()  # run dirs whose name cannot be an output (logged once)
         self._wakeup = Wakeup()  # signal flags + the self-pipe the loop sleeps on
         self._rediscover = True
         self.watches = WatchSet(self._on_event, self._wakeup.wake)
@@ -148,7 +149,9 @@ class Daemon:
                     name = run_name(watch.root, run_dir)
                     output = resolve_output(watch.output, watch.name, name)
                 except CkptdError as exc:
-                    self.log.error("run.skipped", watch=watch.name, run_dir=str(run_dir), reason=str(exc))
+                    if key not in self._refused_runs:  # once per directory, not on every discovery pass
+                        self._refused_runs.add(key)
+                        self.log.error("run.skipped", watch=watch.name, run_dir=str(run_dir), reason=str(exc))
                     continue
                 ctx = RunContext(watch=watch, policy=policy, run=name, run_dir=run_dir, output=output)
                 self.runs[key] = RunState(ctx=ctx, streams=RunStreams(ctx, self.ledger, self.log, self._processor),
@@ -156,6 +159,7 @@ class Daemon:
                 if state is None:
                     self.log.info("run.discovered", watch=watch.name, run=name, run_dir=str(run_dir),
                                   output=str(output))
+        self._refused_runs &= seen
         for key in [k for k in self.runs if k not in seen and not self.runs[k].running]:
             del self.runs[key]
 

@@ -212,8 +212,8 @@ DEEPSPEED = Preset(
 
 DCP = Preset(
     name="dcp",
-    about="torch.distributed.checkpoint folders (.metadata written last)",
-    include=(),
+    about="torch.distributed.checkpoint folders (.metadata written last), and plain files beside them",
+    include=PLAIN_INCLUDE,  # a DCP folder in a run must not hide the run's other checkpoints
     ignore=(),
     resume=(),
     streams=(StreamSpec("model", ("*",), (AUTO,)),),
