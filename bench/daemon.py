@@ -42,14 +42,23 @@ def start_daemon(cfg: dict, work: Path) -> subprocess.Popen:
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PYTHONPATH=str(SRC))
     log = open(work / "daemon.log", "wb")  # noqa: SIM115
+    # cwd outside any checkout: `python -m` puts the cwd first on sys.path, ahead of PYTHONPATH (--src)
     proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "run", "-c", str(path)], stdout=log, stderr=log,
-                            env=env)
+                            env=env, cwd=work)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if b'"daemon.ready"' in (work / "daemon.log").read_bytes():
             return proc
         time.sleep(0.05)
     raise RuntimeError("daemon did not start: " + (work / "daemon.log").read_text()[-2000:])
+
+
+def read_bytes(pid: int) -> int:
+    """Bytes the process read through read()-family syscalls (rchar): the hashing and reading it did itself."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -142,6 +151,7 @@ def training_state(work: Path, n: int, model_mb: int = 240) -> None:
     optim = {"state": {j: {"exp_avg": torch.randn(per // 512, 512), "exp_avg_sq": torch.rand(per // 512, 512),
                            "step": torch.tensor(1.0)} for j in range(8)}, "param_groups": [{"lr": 1e-3}]}
     lat: list[float] = []
+    reads: list[int] = []
     manifest = work / "out/bench/exp/manifest.json"
     try:
         for i in range(n):
@@ -151,18 +161,26 @@ def training_state(work: Path, n: int, model_mb: int = 240) -> None:
             torch.save(state, tmp)
             os.sync()
             os.system("sync; echo 1 > /proc/sys/vm/drop_caches 2>/dev/null")  # cold reads, as on a real host
+            r0 = read_bytes(proc.pid)
             t0 = time.perf_counter()
             os.replace(tmp, final)
             lat.append(wait_published(manifest, final, t0, work))
+            reads.append(read_bytes(proc.pid) - r0)
             for old in sorted(run.glob("training_checkpoint_*.pt"))[:-6]:
                 old.unlink()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     size = final.stat().st_size
-    members = sorted((work / "out/bench/exp/members").glob("*.safetensors"))
+    import json
+
     from ckptd.averaging import average_checkpoints
     from ckptd.safetensors_io import save_safetensors
+
+    listed = json.loads(manifest.read_text())["average"]["members"]
+    out_dir = manifest.parent
+    members = [out_dir / m["path"] for m in listed] if listed and "path" in listed[0] else \
+        sorted((out_dir / "members").glob("*.safetensors"))[:5]
 
     avg_times, write_times = [], []
     for _ in range(3):
@@ -181,6 +199,8 @@ def training_state(work: Path, n: int, model_mb: int = 240) -> None:
     print(f"  floor      streamed average of {len(members)} members {statistics.median(avg_times):.3f} s + one "
           f"durable model-size write {statistics.median(write_times):.3f} s = {floor:.3f} s")
     print(f"  ratio      latency / floor = {med / floor:.2f}")
+    print(f"  reads      read() bytes per checkpoint (median) {statistics.median(reads[5:] or reads) / 1e6:.0f} MB "
+          f"of a {size / 1e6:.0f} MB file")
 
 
 def idle_cpu(work: Path, seconds: float, runs: int = 100) -> None:
