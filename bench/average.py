@@ -75,7 +75,7 @@ def main() -> None:
               f"({Path(training[0]).stat().st_size / MiB:.0f} MiB file, {args.mb} MiB of model)")
         full = measure("full_load_extract", path=training[0], out=str(work / "full.safetensors"))
         ours = measure("ckptd_extract", path=training[0], out=str(work / "ours.safetensors"))
-        for name, r in (("full torch.load", full), ("ckptd (mmap)", ours)):
+        for name, r in (("full torch.load", full), ("ckptd (reads)", ours)):
             touched = r["peak_file_rss_bytes"] + r["read_syscall_bytes"]
             print(f"  {name:16} {r['wall_s']:6.2f} s   peak anon {r['peak_anon_bytes'] / MiB:7.1f} MiB   "
                   f"file bytes read {touched / MiB:7.1f} MiB (read() {r['read_syscall_bytes'] / MiB:.1f} + "

@@ -107,9 +107,12 @@ def latency(work: Path, mb: int, n: int) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    members = sorted((work / "out/bench/exp/members").glob("*.safetensors"))
+    import json
+
     from ckptd.averaging import average_checkpoints
 
+    out_dir = manifest.parent
+    members = [out_dir / m["path"] for m in json.loads(manifest.read_text())["average"]["members"]]
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -123,7 +126,7 @@ def latency(work: Path, mb: int, n: int) -> None:
     print(f"  k full     median {statistics.median(steady):.3f} s   p95 {p95:.3f} s   (after the first 5)")
     print(f"  baseline   one streamed average of {len(members)} members: {avg_t:.3f} s")
     print(f"  overhead   median latency - averaging time = {statistics.median(steady) - avg_t:.3f} s "
-          "(sha256 of the source, pinned member copy, best.safetensors, fsyncs, manifest, detection)")
+          "(reading + hashing the model, pinned member copy, fsyncs, generation swap, detection)")
 
 
 def wait_published(manifest: Path, final: Path, t0: float, work: Path) -> float:
