@@ -1,9 +1,9 @@
 """Read ``torch.distributed.checkpoint`` folders through DCP's public API, with every pickle restricted.
 
 DCP writes ``.metadata`` with plain pickle, and stores each non-tensor item as a ``torch.save`` blob that its
-``DefaultLoadPlanner.load_bytes`` loads with ``weights_only=False``: a ``__reduce__`` payload in a watched DCP
-folder would run. Here ``.metadata`` goes through our own restricted unpickler and every bytes item through
-``torch.load(weights_only=True)`` with the same allowlist as any other checkpoint; one refused item refuses the
+``DefaultLoadPlanner.load_bytes`` loads with the weights-only restriction turned off: a ``__reduce__`` payload in
+a watched DCP folder would run. Here ``.metadata`` goes through our own restricted unpickler and every bytes item
+through ``torch.load(weights_only=True)`` with the same allowlist as any other checkpoint; one refused item refuses the
 folder, naming the global. Nothing private from torch is called: ``dcp.load`` with a ``DefaultLoadPlanner``
 subclass over a template state dict built from the metadata.
 
@@ -262,7 +262,7 @@ class _Reader(FileSystemReader):
 
 class _RestrictedPlanner(DefaultLoadPlanner):
     """DefaultLoadPlanner over a flat template, partial loads allowed; bytes items go through
-    ``torch.load(weights_only=True)`` with our allowlist instead of ``weights_only=False``."""
+    ``torch.load(weights_only=True)`` with our allowlist instead of an unrestricted load."""
 
     def __init__(self, folder: Path, allow: Sequence[Any]) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False, allow_partial_load=True)
