@@ -84,10 +84,6 @@ class MemberRow:
     file: str
 
 
-class LedgerCorrupt(Exception):
-    """The ledger file is not a readable SQLite database (it was moved aside; see :meth:`Ledger.open`)."""
-
-
 class Ledger:
     """Thread-safe access (one connection, one lock): the daemon's workers share it.
 
