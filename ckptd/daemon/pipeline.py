@@ -112,6 +112,8 @@ class RunProcessor:
         self.hooks = hooks
         self.manifest_lock = threading.RLock()
         self.reconciled = False
+        self.defer_manifest = False  # a job over many files publishes manifest-only changes once, at its end
+        self._manifest_stale = False
         # the latest final identity per path: no ledger query per file per scan; bounded by the files present
         self._final: dict[str, tuple[int, int]] = {}
 
@@ -421,8 +423,18 @@ class RunProcessor:
         self.log.info("checkpoint." + status, checkpoint=str(obs.path), metric=metric, step=step,
                       action=decision.action, reason=reason)
         self._event(status)
-        self.write_manifest()
+        if self.defer_manifest:
+            self._manifest_stale = True  # only "last" changed: published once by flush_manifest()
+        else:
+            self.write_manifest()
         return status
+
+    def flush_manifest(self) -> None:
+        """Publish the manifest-only changes deferred during a job (10,000 skipped files: one generation, not
+        10,000)."""
+        if self._manifest_stale:
+            self._manifest_stale = False
+            self.write_manifest()
 
     def _join(self, obs: Observation, decision: Decision, record: Record, loaded: Loaded,
               old_members: list[MemberRow], metric_src: str) -> str:
@@ -457,6 +469,7 @@ class RunProcessor:
         with timer.labels(action="publish").time():
             self._publish(members, self._manifest(members, done), best_changed=decision.new_best,
                           average_changed=average_changed, before_commit=commit_ledger)
+        self._manifest_stale = False  # that manifest carries every deferred change too
         self._final[str(obs.path)] = obs.signature
         recovery.prune_members(out, {m.file for m in members})  # evicted copies, once no kept generation names them
         if decision.new_best:

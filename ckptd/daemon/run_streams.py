@@ -78,6 +78,7 @@ class RunStreams:
                 continue
             self.ledger.touch_run(ctx.watch.name, ctx.run, str(ctx.run_dir), str(ctx.output), stream=stream.name)
             processors[stream.name] = self._make(ctx)
+            processors[stream.name].defer_manifest = True
         self.processors, self.plan = processors, plan  # only once every stream is set up (a full ledger retries)
 
     def job(self, tracker: ReadinessTracker, settle: float, stopping: Callable[[], bool],
@@ -123,6 +124,7 @@ class RunStreams:
                     again = now + max(settle, 1.0)
                     next_check = again if next_check is None else min(next_check, again)
         for proc in self.processors.values():
+            proc.flush_manifest()
             if not proc.reconciled:
                 proc.reconcile()
         if not stopping() and self.processors:
