@@ -11,7 +11,6 @@ and recovery (``ckptd.daemon.recovery``) republishes from the ledger if it got a
 from __future__ import annotations
 
 import errno
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -36,20 +35,18 @@ from ckptd.daemon.outputs import (
     write_member,
 )
 from ckptd.daemon.policy import Decision, Record, decide, ranked
-from ckptd.daemon.retention import Known, select_prunable
 from ckptd.daemon.telemetry import Metrics, rejection_reason
+from ckptd.daemon.validation import NoReadableMember, publish_problem
 from ckptd.errors import (
     CheckpointChangedError,
     CheckpointError,
     CkptdError,
     IncompleteCheckpointError,
-    NonFiniteError,
     WeightsNotFoundError,
 )
 from ckptd.file_checks import refusal
-from ckptd.formats import check_complete, safetensors_header
+from ckptd.formats import check_complete
 from ckptd.metric_sources import ValueSource, first_value
-from ckptd.model_state import compare_state
 from ckptd.reader import read_checkpoint
 from ckptd.trainers import StreamPlan, pick_weights
 
@@ -383,36 +380,13 @@ class RunProcessor:
         return self._join(obs, decision, record, loaded, members, metric_src)
 
     def _validate(self, members: list[MemberRow], weights: Mapping[str, torch.Tensor]) -> str:
-        """Why ``weights`` must not be published ('' if fine): non-finite values, or not this run's architecture
-        (names, shapes and dtype kinds of the members). Checked before any output is touched."""
-        for key, t in weights.items():
-            # one cheap pass (a sum) for every tensor; the exact element check only when the sum is not finite
-            # (NaN/Inf inside, or a sum that overflowed)
-            if t.is_floating_point() and t.numel() and not math.isfinite(float(t.sum())) \
-                    and not bool(torch.isfinite(t).all()):
-                return str(NonFiniteError(f"tensor {key!r} holds NaN or Inf; not published, not averaged"))
-        if not members:
-            return ""
-        for m in members:
-            try:
-                header = safetensors_header(m.file)
-            except CheckpointError:
-                continue  # unreadable reference: try the next member
-            reference = {k: torch.empty(v["shape"], dtype=torch.float32 if v["dtype"][0] in "FB" and
-                                         v["dtype"] != "BOOL" else torch.int64, device="meta")
-                         for k, v in header.items() if k != "__metadata__"}
-            report = compare_state(reference, weights)
-            if not report.ok:
-                return (f"architecture differs from this run's members ({report.describe(limit=3, model='members')});"
-                        " not averaged")
-            kinds = {k for k, t in weights.items() if k in reference
-                     and t.is_floating_point() != reference[k].is_floating_point()}
-            if kinds:
-                return f"tensor kinds differ from this run's members ({sorted(kinds)[:3]}); not averaged"
-            return ""
-        self.reconciled = False  # no member copy is readable: recovery rebuilds them before the next candidate
-        raise OutputUnavailable(f"no member copy of {self.ctx.run} is readable to check the architecture against; "
-                                "recovering the members first")
+        """Why ``weights`` must not be published ('' if fine), checked before any output is touched."""
+        try:
+            return publish_problem(weights, [m.file for m in members])
+        except NoReadableMember:
+            self.reconciled = False  # recovery rebuilds the member copies before the next candidate
+            raise OutputUnavailable(f"no member copy of {self.ctx.run} is readable to check the architecture "
+                                    "against; recovering the members first") from None
 
     def _finish_without_change(self, obs: Observation, decision: Decision, metric: float | None,
                                metric_src: str, step: int | None, sha: str) -> str:
@@ -490,43 +464,6 @@ class RunProcessor:
                 self.hooks.fire(self, "on_average", {**env, "CKPTD_AVERAGE": str(out / AVERAGE),
                                                      "CKPTD_K": str(len(members))})
         return "done"
-
-
-def apply_retention(processors: list[RunProcessor], now: float) -> int:
-    """Opt-in pruning of one run's training checkpoints (see ckptd.daemon.retention); a file any stream still
-    holds as a member source is kept. Returns how many were deleted."""
-    first = processors[0]
-    policy = first.ctx.policy.retention
-    if not policy.enabled:
-        return 0
-    ctx, ledger = first.ctx, first.ledger
-    rows = ledger.known_files(ctx.watch.name, ctx.run)
-    unfinished = {r.path for r in rows if r.status not in FINAL_STATUSES}  # a stream still has to read it
-    known = [Known(r.path, r.size, r.mtime_ns, r.step, r.status, Path(r.path).is_dir()) for r in rows
-             if r.path not in unfinished]
-    sources = {m.record.path for p in processors for m in p.members()}
-    deleted = 0
-    by_path: dict[tuple[str, int, int], list[int]] = {}
-    for r in rows:
-        by_path.setdefault((r.path, r.size, r.mtime_ns), []).append(r.id)
-    for item, reason in select_prunable(known, sources, policy.keep_last, policy.min_age, now):
-        path = Path(item.path)
-        now_seen = observe(path, is_dir=False)
-        if now_seen is None or now_seen.signature != (item.size, item.mtime_ns) or not path.is_file():
-            continue  # changed or gone since it was processed: not the file the ledger knows
-        if policy.dry_run:
-            first.log.info("retention.would_delete", checkpoint=str(path), action="dry-run", reason=reason)
-            continue
-        try:
-            path.unlink()
-        except OSError as exc:
-            first.log.warning("retention.failed", checkpoint=str(path), reason=str(exc))
-            continue
-        for row_id in by_path[(item.path, item.size, item.mtime_ns)]:
-            ledger.set_status(row_id, "pruned", reason)
-        first.log.info("retention.deleted", checkpoint=str(path), action="delete", reason=reason)
-        deleted += 1
-    return deleted
 
 
 def _unchanged(obs: Observation) -> bool:

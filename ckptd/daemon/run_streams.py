@@ -19,7 +19,8 @@ from typing import Any
 from ckptd.daemon.config import run_plan
 from ckptd.daemon.discovery import Observation, scan_run
 from ckptd.daemon.ledger import Ledger
-from ckptd.daemon.pipeline import RunContext, RunProcessor, apply_retention
+from ckptd.daemon.pipeline import RunContext, RunProcessor
+from ckptd.daemon.pruning import apply_retention
 from ckptd.daemon.readiness import ReadinessTracker
 from ckptd.trainers import RunPlan
 
