@@ -176,8 +176,8 @@ class RunProcessor:
     def note_export(self, block: dict[str, Any], *, ok: bool) -> None:
         """Called by the export scheduler when an export finished (published or failed)."""
         self.write_manifest(coreml=block)
-        self.ledger.note_event(self.ctx.watch.name, self.ctx.run, "exported" if ok else "export_failed",
-                               error=None if ok else f"coreml export: {block.get('reason')}")
+        self._event("exported" if ok else "export_failed",
+                    error=None if ok else f"coreml export: {block.get('reason')}")
         if self.hooks is not None:
             self.hooks.fire(self, "on_export", {"CKPTD_EXPORT_STATUS": block.get("status", ""),
                                                 "CKPTD_EXPORT_PATH": str(self.ctx.output / "best.mlpackage"),
