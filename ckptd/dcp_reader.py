@@ -28,7 +28,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta, TensorStorageMetadata
 
 from ckptd.errors import CheckpointError
-from ckptd.file_source import EAGER_BYTES, FileSource
+from ckptd.file_source import EAGER_BYTES, FileSource, HeldSources
 from ckptd.formats import CheckpointFormat, detect_format
 from ckptd.restricted_pickle import DATA_ONLY_GLOBALS
 from ckptd.safe_load import first_line, resolve_globals, unsafe_or_corrupt
@@ -74,7 +74,7 @@ def read_dcp_metadata(source: FileSource) -> Any:
         raise CheckpointError(source.path, f"is corrupt: {first_line(exc)}") from None
 
 
-class DcpFolder:
+class DcpFolder(HeldSources):
     """One DCP folder, opened: ``obj`` is the nested object with bytes items loaded and tensors as placeholders
     (tiny ones real); :meth:`materialize` loads chosen tensors. Holds descriptors of its files to notice changes."""
 
@@ -82,8 +82,8 @@ class DcpFolder:
         self.path = Path(path)
         if detect_format(self.path) is not CheckpointFormat.DCP:
             raise CheckpointError(self.path, "is not a torch.distributed.checkpoint folder")
+        super().__init__()
         self._allow = [*DATA_ONLY_GLOBALS, *allow_objects]
-        self.sources: list[FileSource] = []
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         try:
             self._open()
@@ -168,14 +168,6 @@ class DcpFolder:
                 raise planner.error from None
             raise CheckpointError(self.path, "could not be loaded as a distributed checkpoint: "
                                   f"{_root_cause(exc)}") from None
-
-    def verify_unchanged(self) -> None:
-        for source in self.sources:
-            source.verify_unchanged()
-
-    def close(self) -> None:
-        for source in self.sources:
-            source.close()
 
 
 def load_dcp_folder(path: str | Path, *, allow_globals: Sequence[str | Any] = ()) -> dict[str, Any]:

@@ -114,6 +114,21 @@ class FileSource:
         self.fh.close()
 
 
+class HeldSources:
+    """The files a checkpoint reader holds open: it checks them all for changes and closes them all."""
+
+    def __init__(self) -> None:
+        self.sources: list[FileSource] = []
+
+    def verify_unchanged(self) -> None:
+        for source in self.sources:
+            source.verify_unchanged()
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+
 @dataclass(frozen=True)
 class StorageRef:
     """Where one storage's bytes live: ``nbytes`` from absolute ``offset`` in ``source``. ``key`` identifies the

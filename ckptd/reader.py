@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from ckptd.errors import CheckpointChangedError, CheckpointError, WeightsNotFoundError
-from ckptd.file_source import FileSource, LazyTensors
+from ckptd.file_source import FileSource, HeldSources, LazyTensors
 from ckptd.formats import CheckpointFormat, detect_format, hf_index_file, hf_shard_files, hf_weight_file
 from ckptd.layouts import DEFAULT_STRIP_PREFIXES, FoundWeights, find_model_weights
 from ckptd.safe_load import resolve_globals
@@ -73,12 +73,12 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
-class _Files:
+class _Files(HeldSources):
     """Backend for single files and Hugging Face folders: held descriptors plus lazy placeholders."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.lazy = LazyTensors()
-        self.sources: list[FileSource] = []
 
     def open(self, path: Path) -> FileSource:
         source = FileSource(path)
@@ -91,14 +91,6 @@ class _Files:
     def read_flat(self, tensor: torch.Tensor, start: int, stop: int,
                   out: torch.Tensor | None = None) -> torch.Tensor:
         return self.lazy.read_flat(tensor, start, stop, out)
-
-    def verify_unchanged(self) -> None:
-        for source in self.sources:
-            source.verify_unchanged()
-
-    def close(self) -> None:
-        for source in self.sources:
-            source.close()
 
 
 class StreamedWeights(Mapping[str, torch.Tensor]):
