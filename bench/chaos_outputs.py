@@ -116,14 +116,22 @@ class OutputValidator(threading.Thread):
             return None
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _check(self, path: Path, provenance: bool) -> None:
+    def _unseen(self, path: Path) -> tuple[tuple[int, int, int, int], bytes] | None:
+        """(identity, bytes) of a file version not checked yet, or None (gone, unreadable, or already seen)."""
         key = self._key(path)
         if key is None or key in self._seen:
-            return
+            return None
         data = _read_whole(path)
         if data is None:
-            return
+            return None
         self.checked += 1
+        return key, data
+
+    def _check(self, path: Path, provenance: bool) -> None:
+        fresh = self._unseen(path)
+        if fresh is None:
+            return
+        key, data = fresh
         problem = safetensors_problem(data)
         if problem is not None:
             # published files only ever appear by rename, complete: any partial view of one is a violation
@@ -144,13 +152,10 @@ class OutputValidator(threading.Thread):
             self._violation(f"{path}: weights match no version ever written to {source} (torn or mixed read)")
 
     def _check_manifest(self, path: Path) -> None:
-        key = self._key(path)
-        if key is None or key in self._seen:
+        fresh = self._unseen(path)
+        if fresh is None:
             return
-        data = _read_whole(path)
-        if data is None:
-            return
-        self.checked += 1
+        key, data = fresh
         try:
             doc = json.loads(data)
             assert isinstance(doc, dict) and "best" in doc
