@@ -25,7 +25,6 @@ from ckptd.safetensors_io import open_safetensors
 from ckptd.weights import Checkpoint, cast_floating, provenance_metadata, write_weights
 
 MEMBERS_DIR = "members"
-__all__ = ["AVERAGE", "BEST", "MANIFEST", "MEMBERS_DIR"]
 
 
 def torch_dtype(name: str) -> torch.dtype | None:
