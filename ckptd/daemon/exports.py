@@ -250,6 +250,7 @@ class ExportScheduler:
             return
         self.metrics.job_duration.labels(action="export").observe(result.seconds)
         self.metrics.exports.labels(result=result.status).inc()
+        self.metrics.export_duration.labels(result=result.status).observe(result.seconds)
         if result.status == "ok":
             self.metrics.success("export")
 

@@ -269,6 +269,8 @@ class RunProcessor:
         except Exception as exc:  # a bug or an unforeseen input: never let one checkpoint block its run  # noqa: BLE001
             outcome = self._failed(obs, exc)
         self.metrics.processed.labels(outcome=outcome).inc()
+        if outcome in ("done", "skipped", "duplicate", "unranked", "invalid"):  # final decisions, once per file
+            self.metrics.decided(obs.mtime_ns)
         self.metrics.job_duration.labels(action="process").observe(time.monotonic() - started)
         if outcome in ("done", "skipped", "duplicate", "unranked"):
             self.metrics.success("process")

@@ -304,6 +304,8 @@ class Daemon:
     def _update_metrics(self) -> None:
         self.metrics.runs.set(len(self.runs))
         self.metrics.queue_depth.set(sum(s.pending for s in self.runs.values()))
+        self.metrics.set_backlog({w.name: sum(s.pending for s in self.runs.values() if s.ctx.watch.name == w.name)
+                                  for w in self.config.watches})
         self.metrics.flush()  # the textfile: an OSError here is the metrics stage's failure, nothing more
 
     def _schedule(self, now: float) -> None:

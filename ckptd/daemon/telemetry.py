@@ -51,6 +51,22 @@ class Metrics:
                                     registry=r)
         self.inotify_overflows = Counter("ckptd_inotify_overflows", "inotify queue overflows (events lost; all runs "
                                          "rescanned)", registry=r)
+        self.decision_latency = Histogram("ckptd_decision_latency_seconds", "From a candidate's last write (mtime) "
+                                          "to its decision being recorded (joined, skipped, invalid, ...)",
+                                          buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 14400),
+                                          registry=r)
+        self.export_duration = Histogram("ckptd_export_duration_seconds", "Duration of CoreML exports, by result",
+                                         ["result"], buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+                                         registry=r)
+        self.backlog = Gauge("ckptd_backlog", "Candidates waiting (settling or retrying), by watch", ["watch"],
+                             registry=r)
+        self._backlog_watches: set[str] = set()
+        self.evaluations = Counter("ckptd_evaluations", "Candidate evaluations (issue 12 evaluation gate), by result",
+                                   ["result"], registry=r)
+        for result in ("ok", "partial", "failed"):  # bounded label sets start at 0, so rate() sees the first one
+            self.export_duration.labels(result=result)
+        for result in ("ok", "failed", "rejected"):
+            self.evaluations.labels(result=result)
         Info("ckptd_build", "ckptd build information", registry=r).info({"version": __version__})
         self.textfile = textfile
         self._last_textfile = 0.0
@@ -61,6 +77,18 @@ class Metrics:
 
     def success(self, action: str) -> None:
         self.last_success.labels(action=action).set(time.time())
+
+    def decided(self, mtime_ns: int) -> None:
+        """A candidate's decision was recorded: observe the time since its file was last written."""
+        self.decision_latency.observe(max(0.0, time.time() - mtime_ns / 1e9))
+
+    def set_backlog(self, by_watch: dict[str, int]) -> None:
+        """One series per configured watch (names from the config: bounded); watches removed by a reload go."""
+        for name in self._backlog_watches - set(by_watch):
+            self.backlog.remove(name)
+        for name, waiting in by_watch.items():
+            self.backlog.labels(watch=name).set(waiting)
+        self._backlog_watches = set(by_watch)
 
     def flush(self, force: bool = False) -> None:
         """Write the textfile atomically (temp in the same directory + rename), at most every 5 s."""
