@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -87,9 +90,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that run for long and log as they go: a closed log pipe must not kill them (Python's default: SIGPIPE
+# ignored, a write raises BrokenPipeError, which they handle or report)
+LONG_RUNNING = frozenset({"run", "once", "demo"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """One-shot commands behave like Unix tools on a closed pipe (``ckptd status | head -1``): SIGPIPE takes its
+    default action, so the process ends quietly, killed by SIGPIPE (exit status 141 in a shell, -13 from
+    ``subprocess``). ``run``, ``once`` and ``demo`` keep Python's default (SIGPIPE ignored); should their stdout
+    close, the command ends with status 1 and no traceback. The previous handler is restored on return, for
+    callers that run ``main`` in-process."""
+    previous = _default_sigpipe()
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command in LONG_RUNNING:
+            _restore_sigpipe(previous)
+        code = _run(args)
+        sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
+        return code
+    except SystemExit:  # --help, --version, usage errors: written while SIGPIPE still has its default action
+        sys.stdout.flush()
+        raise
+    except BrokenPipeError:
+        # the Python docs' recipe: point stdout at devnull so that the flush at exit does not fail again
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        with contextlib.suppress(OSError, ValueError):
+            print("ckptd: error: broken pipe (the reader of the output went away)", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        _restore_sigpipe(previous)
+
+
+def _default_sigpipe() -> object:
+    if not hasattr(signal, "SIGPIPE"):  # Windows
+        return None
+    try:
+        return signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def _restore_sigpipe(previous: object) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGPIPE, previous)  # type: ignore[arg-type]
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args)) if hasattr(args, "func") else _dispatch(args)
     except MemoryError:

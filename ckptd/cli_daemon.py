@@ -1,4 +1,4 @@
-"""Daemon-side commands: ``run``, ``once``, ``check``, ``status`` (and ``demo``)."""
+"""Daemon-side commands: ``run``, ``once``, ``check``, ``status``, ``history`` (and ``demo``)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,24 @@ def add_daemon_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
                         "ignored files and why, the top-k it would pick; writes nothing")
     p.add_argument("--json", action="store_true", help="with --explain: the same as JSON")
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("status", help="per run: best, top-k members, last event, errors (reads the ledger)")
+    p = sub.add_parser("status", help="one line per run and stream: best, top-k, last event, export, errors "
+                                      "(reads the ledger; most recent activity first)")
     p.add_argument("-c", "--config", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--run", metavar="GLOB", help="only runs whose name or watch/run matches this glob")
+    p.add_argument("--watch", metavar="NAME", help="only runs of this watch")
+    p.add_argument("--errors", action="store_true",
+                   help="only runs with an error: a current last error, or a newest checkpoint that was rejected")
+    p.add_argument("-v", "--verbose", action="store_true", help="a detailed block per run instead of the table")
+    p.add_argument("--json", action="store_true", help="every field, as JSON (filters apply)")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("history", help="one run's timeline: every checkpoint seen and the decision, exports, "
+                                       "evaluations (reads the ledger)")
+    p.add_argument("run", metavar="RUN", help="watch/run, or a run name that only one watch has")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--watch", metavar="NAME", help="the watch of RUN")
+    p.add_argument("--stream", default="model", help="the weight stream (default: model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_history)
     p = sub.add_parser("demo", help="a tiny real training run, watched by the daemon, end to end")
     p.add_argument("--dir", default=None, help="where to put the demo (default: a new temporary directory)")
     p.add_argument("--epochs", type=int, default=8)
@@ -97,14 +111,40 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ckptd.daemon.status import collect_status, print_status
+    from ckptd.daemon.status import by_activity, collect_status, filter_rows, print_status, print_table
 
     config = _load(args.config)
-    rows = collect_status(config)  # an unreadable ledger raises LedgerReadError (a CkptdError): exit 1
-    if args.json:
+    recorded = collect_status(config)  # an unreadable ledger raises LedgerReadError (a CkptdError): exit 1
+    rows = filter_rows(recorded, run=args.run, watch=args.watch, errors=args.errors)
+    if args.json:  # ordered by watch, run, stream as always; last_activity_at gives the recency
         print(json.dumps(rows, indent=2))
+    elif recorded and not rows:
+        wanted = " ".join(f"{flag} {value!r}" for flag, value in (("--run", args.run), ("--watch", args.watch))
+                          if value is not None)
+        what = "with errors" + (f" matching {wanted}" if wanted else "") if args.errors else f"match {wanted}"
+        print(f"no runs {what} ({len(recorded)} recorded; plain `ckptd status` lists them all)")
+    elif args.verbose:
+        print_status(by_activity(rows))
     else:
-        print_status(rows)
+        print_table(rows)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    import sys
+
+    from ckptd.daemon.history import AmbiguousRunError, collect_history, print_history
+
+    config = _load(args.config)
+    try:
+        history = collect_history(config, args.watch, args.run, args.stream)
+    except AmbiguousRunError as exc:  # a usage error: the user names the watch
+        print(f"ckptd history: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(history, indent=2))
+    else:
+        print_history(history)
     return 0
 
 

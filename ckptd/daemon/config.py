@@ -28,6 +28,13 @@ from ckptd.daemon.config_checks import (
     check_str_list,
 )
 from ckptd.daemon.config_coreml import CoremlPolicy, InputSpec, parse_coreml  # noqa: F401 (re-exported)
+from ckptd.daemon.config_evaluate import (
+    STRATEGIES,
+    EvaluatePolicy,
+    check_evaluation_needs,
+    check_margin,
+    parse_evaluate,
+)
 from ckptd.errors import ConfigError
 from ckptd.metric_sources import ValueSource, parse_source
 from ckptd.trainers import PRESETS, STREAM_NAMES, TRAINERS, PlanSettings, RunPlan, plan_run
@@ -67,6 +74,14 @@ class AveragePolicy:
     top_k: int = 5
     min_members: int = 2
     dtype: str = "keep"
+    strategy: str = "uniform"  # or greedy (a greedy soup, evaluated)
+    gate: bool = False  # uniform: publish a new average only when it evaluates at least as well as the best
+    margin: float = 0.0  # how much worse than the best member a gated average may evaluate and still win
+
+    @property
+    def evaluated(self) -> bool:
+        """Is the published average decided by evaluations (not published as soon as the top-k changes)?"""
+        return self.gate or self.strategy == "greedy"
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,7 @@ class Policy:
     average: AveragePolicy = AveragePolicy()
     model_only: ModelOnlyPolicy = ModelOnlyPolicy()
     coreml: CoremlPolicy = field(default_factory=CoremlPolicy)
+    evaluate: EvaluatePolicy = field(default_factory=EvaluatePolicy)
     hooks: HooksPolicy = HooksPolicy()
     retention: RetentionPolicy = RetentionPolicy()
     streams_off: tuple[str, ...] = ()  # streams: {ema: false}
@@ -154,7 +170,7 @@ class Config:
 def _policy(name: str, data: Any, problems: Problems) -> Policy:
     path = f"policies.{name}"
     sec = Section(data, path, problems, ("weights", "metric", "step", "average", "model_only", "export", "hooks",
-                                          "retention", "streams"))
+                                          "retention", "streams", "evaluate"))
     w = Section(sec.data.get("weights"), f"{path}.weights", problems,
                  ("key", "strip_prefixes", "prefer_ema", "allow_globals"))
     weights = WeightsPolicy(
@@ -176,11 +192,15 @@ def _policy(name: str, data: Any, problems: Problems) -> Policy:
     for i, src in enumerate(metric.sources):
         if src.kind == "filename" and "(?P<metric>" not in src.spec and re.compile(src.spec).groups == 0:
             problems.add(f"{path}.metric.sources[{i}]", "the filename regex needs a group, ideally (?P<metric>...)")
-    a = Section(sec.data.get("average"), f"{path}.average", problems, ("top_k", "min_members", "dtype"))
+    a = Section(sec.data.get("average"), f"{path}.average", problems, ("top_k", "min_members", "dtype", "strategy",
+                                                                         "gate", "margin"))
     average = AveragePolicy(
         top_k=a.get("top_k", 5, check_int(1), "an integer >= 1"),
         min_members=a.get("min_members", 2, check_int(1), "an integer >= 1"),
         dtype=a.get("dtype", "keep", check_choice(*DTYPES), " or ".join(DTYPES)),
+        strategy=a.get("strategy", "uniform", check_choice(*STRATEGIES), " or ".join(STRATEGIES)),
+        gate=a.get("gate", False, check_bool, "true or false"),
+        margin=a.get("margin", 0.0, check_margin, "a number (how much worse than the best the average may be)"),
     )
     if average.min_members > average.top_k:
         problems.add(f"{path}.average.min_members", f"cannot exceed top_k ({average.top_k})")
@@ -191,6 +211,8 @@ def _policy(name: str, data: Any, problems: Problems) -> Policy:
     )
     ex = Section(sec.data.get("export"), f"{path}.export", problems, ("coreml",))
     coreml = parse_coreml(ex.data.get("coreml"), f"{path}.export.coreml", problems)
+    evaluate = parse_evaluate(sec.data.get("evaluate"), f"{path}.evaluate", problems)
+    check_evaluation_needs(path, evaluate, average.strategy, average.gate, coreml.source, problems)
     h = Section(sec.data.get("hooks"), f"{path}.hooks", problems,
                  ("on_new_best", "on_average", "on_export", "timeout"))
     hooks = HooksPolicy(
@@ -214,8 +236,8 @@ def _policy(name: str, data: Any, problems: Problems) -> Policy:
     explicit = frozenset(f"{part}.{key}" for part in ("weights", "metric", "step")
                          if isinstance(sec.data.get(part), Mapping) for key in sec.data[part])
     return Policy(name=name, weights=weights, metric=metric, step_sources=step_sources, average=average,
-                  model_only=model_only, coreml=coreml, hooks=hooks, retention=retention, streams_off=streams_off,
-                  explicit=explicit)
+                  model_only=model_only, coreml=coreml, evaluate=evaluate, hooks=hooks, retention=retention,
+                  streams_off=streams_off, explicit=explicit)
 
 
 def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any]) -> Watch | None:

@@ -87,7 +87,8 @@ def parse_coreml(data: Any, path: str, problems: Problems) -> CoremlPolicy:
     factory = sec.get("factory", "", check_str, "'package.module:callable'")
     policy = CoremlPolicy(
         enabled=sec.get("enabled", True, check_bool, "true or false"),
-        source=sec.get("source", "best", check_choice("best", "average"), "best or average"),
+        source=sec.get("source", "best", check_choice("best", "average", "winner"),
+                       "best, average or winner (whichever of the two evaluated better)"),
         factory=factory,
         factory_kwargs=MappingProxyType(dict(sec.get("factory_kwargs", {}, check_mapping, "a mapping"))),
         python_path=sec.get("python_path", (), check_str_list, "a list of directories"),

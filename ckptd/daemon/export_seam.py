@@ -4,7 +4,8 @@ Why a seam: the scheduler used to hold the run processor as ``Any`` and read a p
 export happened to start; nothing said which side owned that file, so the pipeline evicted it under a queued
 export. Now the contract is explicit and checkable:
 
-- the pipeline calls :class:`ExportRequester` from the run's own worker thread; ``request_best`` and
+- the pipeline calls :class:`ExportRequester` from the run's own worker thread (or, for an evaluated average
+  or winner, from the run's evaluation job, holding the run's manifest lock); ``request_best`` and
   ``request_average`` take a hard link of the input *before they return*, so the job owns an immutable input and
   nothing the pipeline does afterwards (evicting members, replacing the average) can pull it away;
 - the scheduler calls back only through :class:`ExportRun`: the run's context (watch, run, output, policy), its
@@ -45,6 +46,11 @@ class ExportRun(Protocol):
         """The run's current top-k members, best first (from the ledger)."""
         ...
 
+    def export_target(self) -> str | None:
+        """The content identity the run's export should have now (its best, its published average, or the
+        evaluated winner); a failed export is retried only while it is still the target."""
+        ...
+
     def note_export(self, block: dict[str, Any], *, ok: bool) -> None:
         """An export finished and its ledger row is final: rewrite the manifest (``block`` is the ledger's
         view, the same as ``export_state.coreml_block``), record the event, fire the ``on_export`` hooks."""
@@ -52,7 +58,7 @@ class ExportRun(Protocol):
 
 
 class ExportRequester(Protocol):
-    """What the pipeline calls on the scheduler. Every call is made from the run's worker thread."""
+    """What the pipeline calls on the scheduler: from the run's worker thread, or from its evaluation job."""
 
     def request_best(self, run: ExportRun, member: MemberRow) -> None:
         """Export ``member`` (the new best). Links its pinned copy now; the link is the job's input."""

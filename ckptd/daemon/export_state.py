@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.daemon.config import Policy
+from ckptd.daemon.evaluation_store import GateState
 from ckptd.daemon.ledger import ExportRow, Ledger, MemberRow
 
 PACKAGE_LINK = "best.mlpackage"
@@ -27,14 +28,21 @@ def average_signature(members: Sequence[MemberRow]) -> str:
     return hashlib.sha256("".join(sorted(m.record.sha256 for m in members)).encode()).hexdigest()
 
 
-def export_target(policy: Policy, members: Sequence[MemberRow]) -> str | None:
-    """The identity (sha256) the published export should have now, or None when there is nothing to export."""
+def export_target(policy: Policy, members: Sequence[MemberRow], gate: GateState | None = None) -> str | None:
+    """The identity (sha256) the published export should have now, or None when there is nothing to export.
+    ``gate``: the evaluation gate's state, which decides an evaluated average and the 'winner' source."""
     if not members:
         return None
     if policy.coreml.source == "best":
         return members[0].record.sha256
+    if policy.coreml.source == "winner":
+        from ckptd.daemon.gate import winner_target
+
+        return winner_target(gate, members) if gate is not None else None
     if len(members) < policy.average.min_members:
         return None
+    if policy.average.evaluated:
+        return average_signature(gate.members) if gate is not None and gate.members else None
     return average_signature(members)
 
 

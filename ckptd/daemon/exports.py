@@ -27,7 +27,7 @@ from ckptd.atomic import TEMP_PREFIX
 from ckptd.daemon.config import CoremlPolicy
 from ckptd.daemon.export_inputs import leftover_inputs, release_input, take_input
 from ckptd.daemon.export_seam import ExportRun, Log
-from ckptd.daemon.export_state import average_signature, coreml_block, export_target
+from ckptd.daemon.export_state import average_signature, coreml_block
 from ckptd.daemon.ledger import Ledger, MemberRow
 from ckptd.daemon.outputs import AVERAGE
 from ckptd.daemon.telemetry import Metrics
@@ -258,7 +258,7 @@ class ExportScheduler:
     def _still_current(self, job: ExportJob) -> bool:
         """Is this export still what the run should publish (its current best, or current average)?"""
         try:
-            return export_target(job.run.ctx.policy, job.run.members()) == job.sha256
+            return job.run.export_target() == job.sha256
         except sqlite3.Error:
             return True  # cannot tell now; the retry itself is harmless
 

@@ -19,7 +19,7 @@ from ckptd.daemon.policy import Record
 
 LEDGER_NAME = "ledger.sqlite3"  # in state_dir; `ckptd status` reads it without importing the service
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3 added the evaluations and gates tables (issue 12); no data moves, they are created empty
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
     id INTEGER PRIMARY KEY,
@@ -48,6 +48,18 @@ CREATE TABLE IF NOT EXISTS exports (
     source TEXT, sha256 TEXT, metric REAL, step INTEGER,
     status TEXT NOT NULL, reason TEXT, path TEXT, capture TEXT, verification TEXT,
     started_at REAL NOT NULL, finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY,
+    watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model',
+    kind TEXT NOT NULL, key TEXT NOT NULL, members TEXT NOT NULL,
+    value REAL, status TEXT NOT NULL, reason TEXT, started_at REAL NOT NULL, finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS evaluations_key ON evaluations (watch, run, stream, key);
+CREATE TABLE IF NOT EXISTS gates (
+    watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model',
+    topk_key TEXT, members TEXT NOT NULL, evaluation TEXT, winner TEXT, updated_at REAL NOT NULL,
+    PRIMARY KEY (watch, run, stream)
 );
 """
 
@@ -172,6 +184,11 @@ class Ledger:
     def _one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         with self._lock:
             return self._db.execute(sql, args).fetchone()
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one read (for stores of other tables, e.g. ``evaluation_store``)."""
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     _ROW = "id, path, size, mtime_ns, sha256, status, reason, metric, step, attempts"

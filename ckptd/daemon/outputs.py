@@ -75,28 +75,41 @@ def stage_best(gen: Generation, member: MemberRow, policy: Policy) -> None:
         write_weights(gen.path(BEST if fmt == "safetensors" else BEST_PT), weights, metadata=md, fmt=fmt)
 
 
-def stage_average(gen: Generation, members: Sequence[MemberRow], policy: Policy) -> None:
+def write_candidate_average(path: Path, members: Sequence[MemberRow], policy: Policy) -> None:
     """Fresh streamed mean of the member copies (best first, so integer buffers come from the best)."""
     md = provenance_metadata(extra={
         "role": "average", "k": len(members),
         "members": json.dumps([{"source": m.record.path, "sha256": m.record.sha256, "metric": m.record.metric,
                                 "step": m.record.step} for m in members]),
     })
-    average_checkpoints([own_checkpoint(m.file) for m in members], gen.path(AVERAGE), reference=0,
+    average_checkpoints([own_checkpoint(m.file) for m in members], path, reference=0,
                         dtype=torch_dtype(policy.average.dtype), metadata=md)
 
 
+def stage_average(gen: Generation, members: Sequence[MemberRow], policy: Policy,
+                  evaluated: Path | None = None) -> None:
+    """The average in the generation: ``evaluated`` (the very file an evaluation scored) when given, linked, so
+    what is published is bitwise what won; else computed from the member copies."""
+    if evaluated is not None:
+        gen.link(AVERAGE, evaluated)
+    else:
+        write_candidate_average(gen.path(AVERAGE), members, policy)
+
+
 def publish(output: Path, policy: Policy, members: Sequence[MemberRow], manifest: dict[str, Any], *,
-            best_changed: bool, average_changed: bool, before_commit: Callable[[], None] | None = None) -> Path:
+            best_changed: bool, average_changed: bool, average_members: Sequence[MemberRow],
+            evaluated: Path | None = None, before_commit: Callable[[], None] | None = None) -> Path:
     """Build and commit one generation: best, average and manifest change together or not at all.
-    ``before_commit`` runs once everything is written, right before the swap (the ledger's commit)."""
+    ``average_members`` are the published average's members (the top-k, or what an evaluation chose; empty: no
+    average); ``evaluated`` the candidate file that won its evaluation. ``before_commit`` runs once everything is
+    written, right before the swap (the ledger's commit)."""
     with Generation(output) as gen:
         if members:
             names = [BEST if f == "safetensors" else BEST_PT for f in policy.model_only.formats]
             if best_changed or not all(gen.carry(n) for n in names):
                 stage_best(gen, members[0], policy)
-            if len(members) >= policy.average.min_members and (average_changed or not gen.carry(AVERAGE)):
-                stage_average(gen, members, policy)
+        if average_members and (average_changed or not gen.carry(AVERAGE)):
+            stage_average(gen, average_members, policy, evaluated)
         stamped = dict(manifest)
         stamped["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         gen.write_text(MANIFEST, json.dumps(stamped, indent=2) + "\n")
@@ -117,9 +130,12 @@ def published_manifest(output: Path) -> dict[str, Any] | None:
 
 def build_manifest(watch: str, run: str, output: Path, policy: Policy, members: Sequence[MemberRow],
                    last: CheckpointRow | None, coreml: Mapping[str, Any] | None = None, *,
-                   stream: str = "model") -> dict[str, Any]:
+                   stream: str = "model", average_members: Sequence[MemberRow] | None = None,
+                   evaluations: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest (DESIGN.md §3) for the given ranked member set; paths relative to ``output``.
-    ``sha256`` identifies a checkpoint's model weights (names, dtypes, shapes, bytes), not its whole file."""
+    ``sha256`` identifies a checkpoint's model weights (names, dtypes, shapes, bytes), not its whole file.
+    ``average_members``: what the published average holds when an evaluation decides it (default: the top-k);
+    ``evaluations``: the ``best`` and ``average`` evaluation objects, when the policy evaluates."""
     def entry(m: MemberRow) -> dict[str, Any]:
         return {"source": m.record.path, "sha256": m.record.sha256, "metric": m.record.metric,
                 "step": m.record.step, "path": str(Path(m.file).relative_to(output))}
@@ -135,13 +151,25 @@ def build_manifest(watch: str, run: str, output: Path, policy: Policy, members: 
         best["member_path"] = best.pop("path")
         best["path"] = BEST if "safetensors" in policy.model_only.formats else BEST_PT
         manifest["best"] = best
-        if len(members) >= policy.average.min_members:
-            manifest["average"] = {"k": len(members), "top_k": policy.average.top_k, "path": AVERAGE,
-                                   "members": [entry(m) for m in members]}
-        else:
-            manifest["average"] = {"k": len(members), "top_k": policy.average.top_k, "path": None,
-                                   "waiting_for": policy.average.min_members,
-                                   "members": [entry(m) for m in members]}
+        manifest["top_k_members"] = [entry(m) for m in members]
+        averaged = members if average_members is None else average_members
+        if average_members is None and len(members) < policy.average.min_members:
+            averaged = ()
+        manifest["average"] = {"k": len(averaged), "top_k": policy.average.top_k,
+                               "path": AVERAGE if averaged else None,
+                               "members": [entry(m) for m in averaged]}
+        if not averaged:
+            manifest["average"]["waiting_for"] = (
+                policy.average.min_members if len(members) < policy.average.min_members
+                else "an average that evaluates at least as well as the best member")
+            if average_members is None:  # ckptd <= 0.2 listed the waiting top-k here; kept for readers of it
+                manifest["average"]["members"] = [entry(m) for m in members]
+        if policy.average.evaluated:
+            manifest["average"]["strategy"] = policy.average.strategy
+            manifest["average"]["gate"] = policy.average.gate or policy.average.strategy == "greedy"
+        if evaluations:
+            best["evaluation"] = evaluations.get("best")
+            manifest["average"]["evaluation"] = evaluations.get("average")
     if last is not None:
         manifest["last"] = {"source": last.path, "step": last.step, "metric": last.metric, "status": last.status}
     if coreml is not None:

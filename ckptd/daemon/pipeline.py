@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ckptd.daemon import recovery
+from ckptd.daemon import gate, recovery
 from ckptd.daemon.config import Policy, Watch
 from ckptd.daemon.discovery import Observation, observe
 from ckptd.daemon.export_seam import ExportRequester
@@ -99,13 +99,14 @@ class RunProcessor:
     """Processes one stream of one run, one candidate at a time (never two jobs of one run at once)."""
 
     def __init__(self, ctx: RunContext, ledger: Ledger, log: Any, *, exporter: ExportRequester | None = None,
-                 hooks: Any = None, metrics: Metrics | None = None) -> None:
+                 hooks: Any = None, metrics: Metrics | None = None, evaluator: Any = None) -> None:
         self.ctx = ctx
         self.metrics = metrics or Metrics()
         self.ledger = ledger
         self.log = log.bind(watch=ctx.watch.name, run=ctx.run, **({"stream": ctx.stream}
                                                                     if ctx.stream != "model" else {}))
         self.exporter = exporter if ctx.policy.coreml.enabled else None
+        self.evaluator = evaluator if ctx.policy.evaluate.enabled else None  # an EvaluationScheduler
         self.hooks = hooks
         self.manifest_lock = threading.RLock()
         self.reconciled = False
@@ -130,22 +131,27 @@ class RunProcessor:
 
     # --- publication --------------------------------------------------------------------------------------
     def _manifest(self, members: list[MemberRow], last: CheckpointRow | None = None,
-                  coreml: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  coreml: Mapping[str, Any] | None = None, state: gate.GateState | None = None) -> dict[str, Any]:
         stored = self.ledger.last_checkpoint(self.ctx.watch.name, self.ctx.run, stream=self.ctx.stream)
         if last is None or (stored is not None and (stored.step or -1, stored.mtime_ns) > (last.step or -1,
                                                                                               last.mtime_ns)):
             last = stored
+        averaged = gate.average_members(self, members, state)
         return build_manifest(self.ctx.watch.name, self.ctx.run, self.ctx.output, self.ctx.policy, members, last,
-                              self.current_coreml() if coreml is None else coreml, stream=self.ctx.stream)
+                              self.current_coreml() if coreml is None else coreml, stream=self.ctx.stream,
+                              average_members=averaged,
+                              evaluations=gate.evaluation_blocks(self, members, averaged, state))
 
     def _publish(self, members: list[MemberRow], manifest: dict[str, Any], *, best_changed: bool,
-                 average_changed: bool, before_commit: Callable[[], None] | None = None) -> None:
+                 average_changed: bool, before_commit: Callable[[], None] | None = None,
+                 state: gate.GateState | None = None, evaluated: Path | None = None) -> None:
         """One generation; ``before_commit`` (the ledger transaction) runs after everything is written and
         before the swap. Output write failures become :class:`OutputUnavailable`."""
         try:
             with self.manifest_lock:
                 publish(self.ctx.output, self.ctx.policy, members, manifest, best_changed=best_changed,
-                        average_changed=average_changed, before_commit=before_commit)
+                        average_changed=average_changed, average_members=gate.average_members(self, members, state),
+                        evaluated=evaluated, before_commit=before_commit)
         except OSError as exc:
             if exc.errno in OUTPUT_ERRNOS:
                 self.reconciled = False  # the ledger may be ahead of the outputs: recovery republishes
@@ -169,6 +175,46 @@ class RunProcessor:
             if not manifest_unchanged(self.ctx.output, manifest):
                 self._publish(members, manifest, best_changed=False, average_changed=False)
 
+    def publish_evaluated_average(self, members: list[MemberRow], state: gate.GateState, evaluated: Path | None,
+                                  before_commit: Callable[[], None]) -> None:
+        """A new average that won its evaluation (``evaluated``: the very file that was scored)."""
+        with self.manifest_lock:
+            self._publish(members, self._manifest(members, state=state), best_changed=False, average_changed=True,
+                          before_commit=before_commit, state=state, evaluated=evaluated)
+        recovery.prune_members(self.ctx.output, {m.file for m in members} | {m.file for m in state.members})
+        self.metrics.success("average")
+
+    def note_evaluated_average(self, kept: list[MemberRow]) -> None:
+        """An evaluated average was published: the event, and the on_average hooks."""
+        self._event("average_published")
+        if self.hooks is not None and kept:
+            best = kept[0].record
+            self.hooks.fire(self, "on_average", {"CKPTD_CHECKPOINT": best.path, "CKPTD_METRIC": str(best.metric),
+                                                 "CKPTD_STEP": str(best.step), "CKPTD_SHA256": best.sha256,
+                                                 "CKPTD_STREAM": self.ctx.stream,
+                                                 "CKPTD_AVERAGE": str(self.ctx.output / AVERAGE),
+                                                 "CKPTD_K": str(len(kept))})
+
+    def note_event(self, event: str) -> None:
+        self._event(event)
+
+    def apply_evaluation(self, decision: Any, topk_key: str, files: dict[str, Path],
+                         best_value: float | None) -> None:
+        """The evaluation scheduler's callback (``evaluations.EvaluationRun``)."""
+        gate.apply(self, decision, topk_key, files, best_value)
+
+    def request_evaluation(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.request(self)
+
+    def evaluation_outdated(self, members: list[MemberRow]) -> bool:
+        """Was the current top-k never evaluated (e.g. the daemon stopped before the evaluation finished)?"""
+        if self.evaluator is None or not members:
+            return False
+        from ckptd.daemon.evaluation_store import set_key
+
+        return gate.load(self).topk_key != set_key([m.record.sha256 for m in members])
+
     def current_coreml(self) -> dict[str, Any] | None:
         """The manifest's coreml block: a view of the ledger's exports rows (the ledger is the store)."""
         return coreml_block(self.ledger, self.ctx.watch.name, self.ctx.run, self.ctx.output, stream=self.ctx.stream)
@@ -191,16 +237,30 @@ class RunProcessor:
         source = self.ctx.policy.coreml.source
         if source == "best" and new_best:
             self.exporter.request_best(self, members[0])
-        elif source == "average" and average_changed and len(members) >= self.ctx.policy.average.min_members:
+        elif source == "average" and average_changed and len(members) >= self.ctx.policy.average.min_members \
+                and not self.ctx.policy.average.evaluated:  # an evaluated average is exported once it wins
             self.exporter.request_average(self, members)
+
+    def export_target(self) -> str | None:
+        return export_target(self.ctx.policy, self.members(), gate.load(self))
 
     def export_outdated(self, members: list[MemberRow]) -> bool:
         """Does the published export lag behind the current best/average (e.g. after a restart)?"""
         if self.exporter is None or not members:
             return False
-        target = export_target(self.ctx.policy, members)
+        target = export_target(self.ctx.policy, members, gate.load(self))
         published = published_sha256(self.ledger, self.ctx.watch.name, self.ctx.run, stream=self.ctx.stream)
         return target is not None and target != published
+
+    def catch_up_export(self, members: list[MemberRow]) -> None:
+        """Export what the run should have exported (after a restart, the published package lags behind)."""
+        if self.exporter is None or not members:
+            return
+        source = self.ctx.policy.coreml.source
+        if source == "winner" or (source == "average" and self.ctx.policy.average.evaluated):
+            gate.export_decided(self)
+        else:
+            self.request_export(members, new_best=True, average_changed=True)
 
     # --- recovery -----------------------------------------------------------------------------------------
     def reconcile(self) -> None:
@@ -430,7 +490,8 @@ class RunProcessor:
             raise
         files[record.ckpt_id] = str(new_file)
         members = [MemberRow(r, files[r.ckpt_id]) for r in decision.members]
-        average_changed = len(members) >= policy.average.min_members
+        # an evaluated average is not replaced here: the evaluation job decides (gate.apply)
+        average_changed = len(members) >= policy.average.min_members and not policy.average.evaluated
         done = CheckpointRow(record.ckpt_id, record.path, obs.size, obs.mtime_ns, record.sha256, "done",
                              decision.reason, record.metric, record.step)
 
@@ -457,6 +518,7 @@ class RunProcessor:
                       new_best=decision.new_best)
         self._event("new_best" if decision.new_best else "joined")
         self.request_export(members, new_best=decision.new_best, average_changed=average_changed)
+        self.request_evaluation()
         if self.hooks is not None:
             env = {"CKPTD_CHECKPOINT": record.path, "CKPTD_METRIC": str(record.metric), "CKPTD_STEP": str(record.step),
                    "CKPTD_SHA256": record.sha256, "CKPTD_STREAM": self.ctx.stream}

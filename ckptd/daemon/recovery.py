@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptd.atomic import cleanup_stale_temps
+from ckptd.daemon import gate
 from ckptd.daemon.ledger import MemberRow
 from ckptd.daemon.outputs import AVERAGE, BEST, MANIFEST, MEMBERS_DIR, published_manifest
 from ckptd.daemon.policy import Record, ranked
@@ -39,6 +40,9 @@ def reconcile(proc: RunProcessor) -> None:
     if proc.exporter is not None:
         for tmp in proc.exporter.reconcile_inputs(out):
             log.info("output.temp_removed", file=str(tmp), reason="left by an interrupted export")
+    if proc.evaluator is not None:
+        for tmp in proc.evaluator.reconcile_candidates(out):
+            log.info("output.temp_removed", file=str(tmp), reason="candidate left by an interrupted evaluation")
     members = proc.members()
     if not members:
         members = restore_members(proc)
@@ -53,10 +57,14 @@ def reconcile(proc: RunProcessor) -> None:
     if changed or not published_matches(proc, kept):
         proc.republish(kept, reason="the published outputs did not match the ledger")
     proc.reconciled = True
-    if proc.export_outdated(kept):
+    if proc.evaluation_outdated(kept):
+        log.info("evaluation.catch_up", reason="the current top-k was not evaluated yet (the daemon stopped "
+                 "before its evaluation finished); evaluating")
+        proc.request_evaluation()  # its decision requests an evaluated average's or winner's export
+    elif proc.export_outdated(kept):
         log.info("export.catch_up", reason="the published CoreML export does not match the current "
                  f"{proc.ctx.policy.coreml.source}; exporting")
-        proc.request_export(kept, new_best=True, average_changed=True)
+        proc.catch_up_export(kept)
 
 
 def _check_member_files(proc: RunProcessor, members: list[MemberRow]) -> tuple[list[MemberRow], bool]:
@@ -132,13 +140,18 @@ def published_matches(proc: RunProcessor, members: list[MemberRow]) -> bool:
     best = manifest.get("best") or {}
     average = manifest.get("average") or {}
     want = [m.record.sha256 for m in members]
-    have = [e.get("sha256") for e in average.get("members") or []]
-    if have != want or (best.get("sha256") if members else None) != (want[0] if want else None):
+    listed = manifest.get("top_k_members", average.get("members")) or []  # ckptd <= 0.2: only average.members
+    if [e.get("sha256") for e in listed] != want:
+        return False
+    if (best.get("sha256") if members else None) != (want[0] if want else None):
         return False
     if members and "safetensors" in policy.model_only.formats and not (out / BEST).is_file():
         return False
-    needs_average = len(members) >= policy.average.min_members
-    return needs_average == (out / AVERAGE).is_file()
+    averaged = gate.average_members(proc, members)
+    if averaged and "top_k_members" in manifest and \
+            [e.get("sha256") for e in average.get("members") or []] != [m.record.sha256 for m in averaged]:
+        return False
+    return bool(averaged) == (out / AVERAGE).is_file()
 
 
 def prune_members(output: Path, keep: set[str]) -> list[Path]:

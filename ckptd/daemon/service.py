@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ckptd.daemon.config import Config, load_config
 from ckptd.daemon.discovery import list_runs
+from ckptd.daemon.evaluations import EvaluationScheduler
 from ckptd.daemon.exports import ExportScheduler
 from ckptd.daemon.hooks import HookRunner
 from ckptd.daemon.ledger import LEDGER_NAME, Ledger
@@ -84,8 +85,11 @@ class Daemon:
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="ckptd-run")
         self._last_action = "starting"
         self.failures = 0
-        self.metrics = Metrics(config.metrics.listen if not once else "", config.metrics.textfile)
+        self.metrics = Metrics(config.metrics.listen if not once else "", config.metrics.textfile,
+                               status_config=lambda: self.config)  # the status page reads the current config
         self.exports = ExportScheduler(self.ledger, self.log, metrics=self.metrics)
+        self.evaluations = EvaluationScheduler(self.ledger, self.log, max_parallel=config.max_parallel_runs,
+                                               metrics=self.metrics)
         self.hooks = HookRunner(self.log)
         self._guards = {name: StageGuard(name, self.metrics.loop_errors)
                         for name in ("discover", "schedule", "metrics", "loop")}
@@ -164,7 +168,8 @@ class Daemon:
             del self.runs[key]
 
     def _processor(self, ctx: RunContext) -> RunProcessor:
-        return RunProcessor(ctx, self.ledger, self.log, exporter=self.exports, hooks=self.hooks, metrics=self.metrics)
+        return RunProcessor(ctx, self.ledger, self.log, exporter=self.exports, hooks=self.hooks, metrics=self.metrics,
+                            evaluator=self.evaluations)
 
     def _discovery_interval(self) -> float:
         return min([self.config.rescan_interval] + [w.poll_interval for w in self.config.watches
@@ -344,6 +349,7 @@ class Daemon:
         self.log.info("daemon.stopping", running_jobs=running, deadline_s=self.config.shutdown_deadline,
                       signals=self._wakeup.signals)
         self.watches.stop()
+        self.evaluations.shutdown()  # an evaluation in flight is killed (its group); it is redone on restart
         self.exports.shutdown()  # an export in flight is killed; it is redone on restart
         while any(s.running for s in self.runs.values()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -372,7 +378,10 @@ class Daemon:
         for state in self.runs.values():
             self._submit(state)
         self._pool.shutdown(wait=True)
-        self.exports.wait()
+        while self.evaluations.busy() or self.exports.busy():  # an evaluation's decision may request an export
+            self.evaluations.wait()
+            self.exports.wait()
+        self.evaluations.shutdown()
         self.hooks.shutdown(wait=True)
         for state in self.runs.values():
             self.log.info("run.summary", watch=state.ctx.watch.name, run=state.ctx.run,

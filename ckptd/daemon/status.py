@@ -2,26 +2,46 @@
 
 It lives in the daemon package so that ``ckptd status`` and ``ckptd demo`` share it without the demo importing
 the CLI. It only reads (a ``mode=ro`` connection, safe while the daemon writes) and imports nothing heavy (no
-torch, no daemon service): status must answer fast on a busy host.
+torch, no daemon service): status must answer fast on a busy host. The whole ledger is read with one query per
+table (grouped in SQL), not a few queries per run: 200 runs cost the same handful of queries as one.
 
 A missing ledger means "nothing recorded yet"; a ledger that exists but cannot be read (corrupt, locked, not a
 database, unreadable) is an error naming the file and the reason (exit 1), never silently "no runs".
+
+A run **has an error** (the ``!`` column, ``--errors``, ``has_error`` in JSON) when
+
+- its ``last_error`` is an export error: the daemon clears those only when an export succeeds, so one that is
+  set means ``best.mlpackage`` is stale or missing, whatever happened since; or
+- its ``last_error`` is newer than its newest checkpoint that was read fine (``done``, ``skipped``,
+  ``duplicate``, ``unranked``, ``resume``); or
+- its newest rejected (``invalid``) checkpoint is newer than that newest good one: the trainer's latest output
+  is broken.
+
+An error followed by good checkpoints (a rejected file, then good ones) is history: ``-v`` and ``ckptd history``
+show it, the table does not flag it.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from ckptd.daemon.ledger import LEDGER_NAME
+from ckptd.daemon.ledger import EXPORT_ERROR_PREFIX, LEDGER_NAME
 from ckptd.daemon.policy import Record, ranked
 from ckptd.errors import CkptdError
 
 READ_TIMEOUT = 5.0  # seconds to wait for a lock: WAL readers are not blocked by the daemon's writes
 NO_RUNS = "no runs recorded yet (is the daemon running, and does the state_dir match?)"
+REQUIRED_TABLES = frozenset({"runs", "checkpoints", "members", "exports"})
+OK_STATUSES = ("done", "skipped", "duplicate", "unranked", "resume")  # read fine (pruned: a later deletion)
+ELLIPSIS = "…"
 
 
 class LedgerReadError(CkptdError):
@@ -52,14 +72,22 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
 
-def collect_status(config: Any) -> list[dict[str, Any]]:
-    """Per-run status rows (the ``--json`` contract: fields are added, never renamed).
+def has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
 
-    Raises :class:`LedgerReadError` when the ledger exists but cannot be read.
+
+@contextmanager
+def open_ledger_ro(config: Any) -> Iterator[sqlite3.Connection | None]:
+    """A read-only connection (rows as :class:`sqlite3.Row`) to the config's ledger, or ``None`` when nothing is
+    recorded yet (no file, or no schema written yet).
+
+    Raises :class:`LedgerReadError` when the ledger exists but cannot be read, also for SQLite errors raised by
+    the queries run inside the ``with`` block.
     """
     path = ledger_path(config)
     if not path.exists():
-        return []
+        yield None
+        return
     if not path.is_file():
         raise LedgerReadError(path, "not a regular file")
     db: sqlite3.Connection | None = None
@@ -67,12 +95,10 @@ def collect_status(config: Any) -> list[dict[str, Any]]:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=READ_TIMEOUT)
         db.row_factory = sqlite3.Row
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not tables:
-            return []  # created, schema not written yet
-        missing = {"runs", "checkpoints", "members", "exports"} - tables
-        if missing:
+        missing = REQUIRED_TABLES - tables
+        if tables and missing:
             raise LedgerReadError(path, f"not a ckptd ledger (no table {', '.join(sorted(missing))})")
-        return _read(db, config)
+        yield db if tables else None  # no tables: created, schema not written yet
     except sqlite3.Error as exc:
         hint = _hint(exc)
         raise LedgerReadError(path, f"{exc}" + (f" ({hint})" if hint else "")) from exc
@@ -83,58 +109,224 @@ def collect_status(config: Any) -> list[dict[str, Any]]:
             db.close()
 
 
+def stream_columns(db: sqlite3.Connection) -> tuple[str, str]:
+    """``(select, group)`` SQL for a row's identity: an older ledger has no stream column (one implicit stream,
+    ``model``), and then the select yields the constant."""
+    if "stream" in _columns(db, "runs"):
+        return "watch, run, stream", "watch, run, stream"
+    return "watch, run, 'model' AS stream", "watch, run"
+
+
+def run_mode(config: Any, watch_name: str) -> str:
+    """The metric mode of a watch's policy (``max`` for a watch no longer in the config)."""
+    watch = next((w for w in config.watches if w.name == watch_name), None)
+    return config.policy_for(watch).metric.mode if watch else "max"
+
+
+def _top_k(config: Any, watch_name: str) -> int | None:
+    watch = next((w for w in config.watches if w.name == watch_name), None)
+    return config.policy_for(watch).average.top_k if watch else None
+
+
+def evaluation_dict(row: sqlite3.Row) -> dict[str, Any]:
+    """An ``evaluations`` row as a dict; ``members`` (JSON text in the ledger) decoded to a list of paths."""
+    out = dict(row)
+    try:
+        members = json.loads(out.get("members") or "[]")
+    except ValueError:
+        members = []
+    out["members"] = [str(m) for m in members] if isinstance(members, list) else []
+    return out
+
+
+def collect_status(config: Any) -> list[dict[str, Any]]:
+    """Per-run status rows, ordered by watch, run, stream (the ``--json`` contract: fields are added, never
+    renamed; ``last_activity_at`` orders them by recency).
+
+    Raises :class:`LedgerReadError` when the ledger exists but cannot be read.
+    """
+    with open_ledger_ro(config) as db:
+        return [] if db is None else _read(db, config)
+
+
+def _grouped(db: sqlite3.Connection, sql: str) -> dict[tuple[str, str, str], list[sqlite3.Row]]:
+    out: dict[tuple[str, str, str], list[sqlite3.Row]] = {}
+    for row in db.execute(sql):
+        out.setdefault((row["watch"], row["run"], row["stream"]), []).append(row)
+    return out
+
+
+def _latest(*stamps: float | None) -> float | None:
+    return max((s for s in stamps if s), default=None)
+
+
 def _read(db: sqlite3.Connection, config: Any) -> list[dict[str, Any]]:
     # the ledger grows per-stream keys; read them when present (an older ledger has one implicit stream)
     streamed = "stream" in _columns(db, "runs")
-    key = "watch=? AND run=?" + (" AND stream=?" if streamed else "")
+    sel, grp = stream_columns(db)
+    members_by = _grouped(db, f"SELECT {sel}, checkpoint_id, source, sha256, metric, step, mtime, file FROM members")
+    counts_by = _grouped(db, f"SELECT {sel}, status, COUNT(*) AS n, MAX(updated_at) AS at FROM checkpoints "
+                             f"GROUP BY {grp}, status")
+    # bare columns next to MAX() come from the row holding the maximum (SQLite)
+    invalid_by = _grouped(db, f"SELECT {sel}, path, reason, MAX(updated_at) AS at FROM checkpoints "
+                              f"WHERE status='invalid' GROUP BY {grp}")
+    export_by = _grouped(db, f"SELECT {sel}, MAX(id) AS id, status, reason, source, metric, step, started_at, "
+                             f"finished_at FROM exports WHERE status != 'abandoned' GROUP BY {grp}")
+    evaluation_by = (_grouped(db, "SELECT * FROM evaluations WHERE id IN "
+                                  "(SELECT MAX(id) FROM evaluations GROUP BY watch, run, stream)")
+                     if has_table(db, "evaluations") else {})
     out = []
-    for r in db.execute("SELECT * FROM runs ORDER BY watch, run" + (", stream" if streamed else "")).fetchall():
-        args = (r["watch"], r["run"], r["stream"]) if streamed else (r["watch"], r["run"])
-        watch = next((w for w in config.watches if w.name == r["watch"]), None)
-        mode = config.policy_for(watch).metric.mode if watch else "max"
-        rows = db.execute(f"SELECT checkpoint_id, source, sha256, metric, step, mtime, file FROM members WHERE {key}",
-                          args).fetchall()
+    for r in db.execute(f"SELECT {sel}, run_dir, output, last_event, last_event_at, last_error, last_error_at "
+                        f"FROM runs ORDER BY {grp}").fetchall():
+        key = (r["watch"], r["run"], r["stream"])
+        mode = run_mode(config, r["watch"])
+        rows = members_by.get(key, [])
         files = {row["checkpoint_id"]: row["file"] for row in rows}
         members = [{"source": m.path, "metric": m.metric, "step": m.step, "sha256": m.sha256,
                     "file": files[m.ckpt_id]}
-                   for m in ranked([Record(*tuple(row)[:6]) for row in rows], mode)]
-        counts = {status: n for status, n in db.execute(
-            f"SELECT status, COUNT(*) FROM checkpoints WHERE {key} GROUP BY status", args).fetchall()}
-        invalid = db.execute(f"SELECT path, reason, updated_at FROM checkpoints WHERE {key} AND status='invalid' "
-                             "ORDER BY updated_at DESC LIMIT 1", args).fetchone()
-        export = db.execute(f"SELECT status, reason, source, metric, finished_at FROM exports WHERE {key} "
-                            "AND status != 'abandoned' ORDER BY id DESC LIMIT 1", args).fetchone()
+                   for m in ranked([Record(*tuple(row)[3:9]) for row in rows], mode)]
+        counts = {c["status"]: c["n"] for c in counts_by.get(key, [])}
+        last_ok = _latest(*(c["at"] for c in counts_by.get(key, []) if c["status"] in OK_STATUSES))
+        invalid = (invalid_by.get(key) or [None])[0]
+        export = (export_by.get(key) or [None])[0]
+        evaluation = (evaluation_by.get(key) or [None])[0]
         row: dict[str, Any] = {
             "watch": r["watch"], "run": r["run"], "run_dir": r["run_dir"], "output": r["output"],
             "mode": mode,
             "best": members[0] if members else None,
             "members": members,
+            "top_k": _top_k(config, r["watch"]),
             "checkpoints": counts,
             "invalid": counts.get("invalid", 0),
-            "last_invalid": ({"source": invalid["path"], "reason": invalid["reason"], "at": invalid["updated_at"]}
+            "last_invalid": ({"source": invalid["path"], "reason": invalid["reason"], "at": invalid["at"]}
                              if invalid else None),
+            "last_ok_at": last_ok,
             "last_event": r["last_event"], "last_event_at": r["last_event_at"],
             "last_error": r["last_error"], "last_error_at": r["last_error_at"],
-            "export": dict(export) if export else None,
+            "export": ({k: export[k] for k in ("status", "reason", "source", "metric", "finished_at", "id", "step",
+                                              "started_at")} if export else None),
+            "evaluation": evaluation_dict(evaluation) if evaluation else None,
         }
+        row["last_activity_at"] = _latest(
+            r["last_event_at"], r["last_error_at"], *(c["at"] for c in counts_by.get(key, [])),
+            *((export["started_at"], export["finished_at"]) if export else ()),
+            *((evaluation["started_at"], evaluation["finished_at"]) if evaluation else ()))
+        row["has_error"] = has_error(row)
         if streamed:
             row["stream"] = r["stream"]
         out.append(row)
     return out
 
 
+def has_error(row: dict[str, Any]) -> bool:
+    """The module docstring's definition: an export error, or an error or rejected checkpoint newer than the
+    newest good checkpoint."""
+    ok_at = row.get("last_ok_at") or 0.0
+    error = row.get("last_error")
+    if error and (error.startswith(EXPORT_ERROR_PREFIX) or (row.get("last_error_at") or 0.0) > ok_at):
+        return True
+    last = row.get("last_invalid")
+    return bool(row.get("invalid") and last and (last["at"] or 0.0) > ok_at)
+
+
+def filter_rows(rows: Sequence[dict[str, Any]], *, run: str | None = None, watch: str | None = None,
+                errors: bool = False) -> list[dict[str, Any]]:
+    """``run``: an fnmatch pattern over the run name or ``watch/run``; ``watch``: a watch name; ``errors``: only
+    runs that :func:`has_error`."""
+    return [r for r in rows
+            if (run is None or fnmatch.fnmatchcase(r["run"], run) or fnmatch.fnmatchcase(f"{r['watch']}/{r['run']}",
+                                                                                          run))
+            and (watch is None or r["watch"] == watch)
+            and (not errors or has_error(r))]
+
+
+def by_activity(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Most recent activity first (ties and rows without any activity keep their order)."""
+    return sorted(rows, key=lambda r: -(r.get("last_activity_at") or 0.0))
+
+
+def summary(row: dict[str, Any]) -> dict[str, Any]:
+    """The table's fields for one :func:`collect_status` row."""
+    best = row["best"]
+    return {"watch": row["watch"], "run": row["run"], "stream": row.get("stream", "model"), "mode": row["mode"],
+            "best_metric": best["metric"] if best else None, "best_step": best["step"] if best else None,
+            "members": len(row["members"]), "top_k": row.get("top_k"),
+            "seen": sum(row["checkpoints"].values()),
+            "last_event": row["last_event"], "last_activity_at": row.get("last_activity_at"),
+            "export": row["export"]["status"] if row["export"] else None,
+            "has_error": has_error(row), "error": (row["last_error"] or f"latest checkpoint rejected: "
+                                                   f"{row['last_invalid']['reason']}") if has_error(row) else None}
+
+
+def run_summaries(config: Any) -> list[dict[str, Any]]:
+    """One compact dict per run and stream, most recent activity first: what ``ckptd status`` prints as a
+    table (``best_metric``, ``best_step``, ``members``/``top_k``, ``seen``, ``last_event``, ``last_activity_at``,
+    ``export``, ``has_error`` and ``error``)."""
+    return [summary(r) for r in by_activity(collect_status(config))]
+
+
 def _ago(ts: float | None) -> str:
+    return f"{age(ts)} ago" if ts else "never"
+
+
+def age(ts: float | None, now: float | None = None) -> str:
+    """``12s``, ``5m``, ``3h``, ``2d``; ``-`` for no time."""
     if not ts:
-        return "never"
-    delta = max(0.0, time.time() - ts)
+        return "-"
+    delta = max(0.0, (time.time() if now is None else now) - ts)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if delta >= size:
-            return f"{delta / size:.0f}{unit} ago"
-    return f"{delta:.0f}s ago"
+            return f"{delta / size:.0f}{unit}"
+    return f"{delta:.0f}s"
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters (an ellipsis marks a cut)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:max(0, width - 1)] + ELLIPSIS
+
+
+def render_table(headers: Sequence[str], cells: Sequence[Sequence[str]], *, right: Sequence[str] = (),
+                 widest: dict[str, int] | None = None) -> list[str]:
+    """Plain-text columns as wide as their content (``widest``: a cap per header, cut with an ellipsis);
+    ``right``: headers of right-aligned (numeric) columns. No trailing spaces."""
+    widest = widest or {}
+    cells = [[clip(c, widest.get(h, 10**6)) for h, c in zip(headers, row)] for row in cells]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if h in right else c.ljust(w)
+                         for h, c, w in zip(headers, row, widths)).rstrip()
+
+    return [line(headers), *(line(row) for row in cells)]
+
+
+def _num(value: float | int | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+TABLE_HEADERS = ("!", "RUN", "STREAM", "BEST", "STEP", "TOP-K", "SEEN", "LAST EVENT", "AGE", "EXPORT")
+
+
+def print_table(rows: Sequence[dict[str, Any]], stream: TextIO | None = None, *, now: float | None = None) -> None:
+    """The default human view: one line per run and stream, most recent activity first."""
+    out = stream or sys.stdout
+    if not rows:
+        print(NO_RUNS, file=out)
+        return
+    cells = []
+    for s in (summary(r) for r in by_activity(rows)):
+        topk = f"{s['members']}/{s['top_k']}" if s["top_k"] else str(s["members"])
+        cells.append(["!" if s["has_error"] else "", f"{s['watch']}/{s['run']}", s["stream"], _num(s["best_metric"]),
+                      _num(s["best_step"]), topk, str(s["seen"]), s["last_event"] or "-",
+                      age(s["last_activity_at"], now), s["export"] or "-"])
+    for text in render_table(TABLE_HEADERS, cells, right=("BEST", "STEP", "TOP-K", "SEEN", "AGE"),
+                             widest={"RUN": 48, "STREAM": 16, "LAST EVENT": 32, "EXPORT": 12}):
+        print(text, file=out)
 
 
 def print_status(rows: list[dict[str, Any]], stream: TextIO | None = None) -> None:
-    """The human view of :func:`collect_status`."""
+    """The detailed human view of :func:`collect_status` (``ckptd status -v``)."""
     out = stream or sys.stdout
     if not rows:
         print(NO_RUNS, file=out)
@@ -159,4 +351,15 @@ def print_status(rows: list[dict[str, Any]], stream: TextIO | None = None) -> No
         if r["export"]:
             e = r["export"]
             print(f"  coreml    {e['status']}" + (f": {e['reason']}" if e["reason"] else ""), file=out)
+        if r.get("evaluation"):
+            print(f"  eval      {describe_evaluation(r['evaluation'])}", file=out)
         print(f"  output    {r['output']}", file=out)
+
+
+def describe_evaluation(e: dict[str, Any]) -> str:
+    """``average-top3 ok: 0.8123 over 3 member(s) (2m ago)``, with the reason when there is one."""
+    what = " ".join(str(p) for p in (e.get("kind"), e.get("key")) if p) or "evaluation"
+    value = f": {e['value']:g}" if isinstance(e.get("value"), (int, float)) else ""
+    text = f"{what} {e.get('status') or '?'}{value} over {len(e.get('members') or [])} member(s)"
+    text += f" ({_ago(e.get('finished_at') or e.get('started_at'))})"
+    return text + (f"; {e['reason']}" if e.get("reason") else "")

@@ -7,11 +7,13 @@ small fixed sets (actions, outcomes, reason categories): never paths, steps or m
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server, write_to_textfile
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, write_to_textfile
 
 from ckptd import __version__
+from ckptd.daemon.http_listener import serve
 
 
 def rejection_reason(reason: str) -> str:
@@ -26,7 +28,7 @@ def rejection_reason(reason: str) -> str:
 
 
 class Metrics:
-    def __init__(self, listen: str = "", textfile: str = "") -> None:
+    def __init__(self, listen: str = "", textfile: str = "", status_config: Callable[[], Any] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.detected = Counter("ckptd_checkpoints_detected", "Checkpoint candidates seen for the first time",
@@ -71,9 +73,8 @@ class Metrics:
         self.textfile = textfile
         self._last_textfile = 0.0
         self.server: Any = None
-        if listen:
-            host, _, port = listen.rpartition(":")
-            self.server = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=r)
+        if listen:  # /metrics, plus the status page (/, /run) when status_config gives the current config
+            self.server = serve(listen, r, status_config)
 
     def success(self, action: str) -> None:
         self.last_success.labels(action=action).set(time.time())
@@ -100,5 +101,5 @@ class Metrics:
     def close(self) -> None:
         self.flush(force=True)
         if self.server is not None:
-            server, _thread = self.server
-            server.shutdown()
+            self.server.close()
+            self.server = None

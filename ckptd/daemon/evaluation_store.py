@@ -1,0 +1,131 @@
+"""The ledger's evaluation tables: every evaluation run (the cache), and per run the gate's published decision.
+
+``evaluations`` holds one row per evaluation process (running, ok, failed, abandoned). A row with status ``ok``
+is the cache: the same set of members, evaluated by the same evaluator, is never evaluated twice, across
+restarts too. ``gates`` holds, per run and stream, what the evaluated average publishes: its members (which may
+differ from the top-k: a greedy soup holds fewer, a gated average may be an older one), the manifest's
+``evaluation`` object, the winner (for ``export.coreml.source: winner``) and the top-k it was decided for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ckptd.daemon.ledger import Ledger, MemberRow
+from ckptd.daemon.policy import Record
+
+
+def set_key(shas: Sequence[str]) -> str:
+    """Identity of a set of members (order does not matter: a uniform average of a set is one tensor set)."""
+    return hashlib.sha256("\n".join(sorted(shas)).encode()).hexdigest()
+
+
+def evaluation_key(evaluator: str, shas: Sequence[str]) -> str:
+    """Cache key: the evaluator's signature plus the member set."""
+    return f"{evaluator}:{set_key(shas)}"
+
+
+@dataclass(frozen=True)
+class EvaluationRow:
+    id: int
+    kind: str
+    key: str
+    members: list[str]
+    value: float | None
+    status: str
+    reason: str | None
+    started_at: float
+    finished_at: float | None
+
+
+_COLUMNS = "id, kind, key, members, value, status, reason, started_at, finished_at"
+
+
+def _row(r: tuple[Any, ...]) -> EvaluationRow:
+    return EvaluationRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6], r[7], r[8])
+
+
+def cached(ledger: Ledger, watch: str, run: str, stream: str, key: str) -> EvaluationRow | None:
+    """The newest successful evaluation of ``key`` in this run and stream, or None."""
+    rows = ledger.query(f"SELECT {_COLUMNS} FROM evaluations WHERE watch=? AND run=? AND stream=? AND key=? "
+                        "AND status='ok' ORDER BY id DESC LIMIT 1", (watch, run, stream, key))
+    return _row(rows[0]) if rows else None
+
+
+def history(ledger: Ledger, watch: str, run: str, stream: str) -> list[EvaluationRow]:
+    rows = ledger.query(f"SELECT {_COLUMNS} FROM evaluations WHERE watch=? AND run=? AND stream=? ORDER BY id",
+                        (watch, run, stream))
+    return [_row(r) for r in rows]
+
+
+def started(ledger: Ledger, watch: str, run: str, stream: str, kind: str, key: str, members: Sequence[str]) -> int:
+    with ledger.transaction() as db:
+        cur = db.execute("INSERT INTO evaluations (watch, run, stream, kind, key, members, status, started_at) "
+                         "VALUES (?,?,?,?,?,?, 'running', ?)",
+                         (watch, run, stream, kind, key, json.dumps(list(members)), time.time()))
+        return int(cur.lastrowid or 0)
+
+
+def finished(ledger: Ledger, row_id: int, status: str, *, value: float | None = None,
+             reason: str | None = None) -> None:
+    with ledger.transaction() as db:
+        db.execute("UPDATE evaluations SET status=?, value=?, reason=?, finished_at=? WHERE id=?",
+                   (status, value, reason, time.time(), row_id))
+
+
+def abandon_running(ledger: Ledger, reason: str) -> int:
+    """At startup: rows left 'running' by a process that died; returns how many were marked abandoned."""
+    with ledger.transaction() as db:
+        cur = db.execute("UPDATE evaluations SET status='abandoned', reason=?, finished_at=? WHERE status='running'",
+                         (reason, time.time()))
+        return int(cur.rowcount)
+
+
+@dataclass(frozen=True)
+class GateState:
+    """What the evaluated average publishes for one run and stream."""
+
+    topk_key: str | None  # the top-k set this decision was made for (None: never decided)
+    members: tuple[MemberRow, ...]  # the published average's members, best first (empty: no average)
+    evaluation: dict[str, Any] | None  # the manifest's average.evaluation object
+    winner: str | None  # "best" or "average": which evaluated better (for export source winner)
+
+
+NO_GATE = GateState(None, (), None, None)
+
+
+def _member_json(m: MemberRow) -> dict[str, Any]:
+    r = m.record
+    return {"checkpoint_id": r.ckpt_id, "source": r.path, "sha256": r.sha256, "metric": r.metric, "step": r.step,
+            "mtime": r.mtime, "file": m.file}
+
+
+def _member_from(d: dict[str, Any]) -> MemberRow:
+    return MemberRow(Record(d["checkpoint_id"], d["source"], d["sha256"], d["metric"], d["step"], d["mtime"]),
+                     d["file"])
+
+
+def load_gate(ledger: Ledger, watch: str, run: str, stream: str) -> GateState:
+    rows = ledger.query("SELECT topk_key, members, evaluation, winner FROM gates WHERE watch=? AND run=? AND "
+                        "stream=?", (watch, run, stream))
+    if not rows:
+        return NO_GATE
+    topk_key, members, evaluation, winner = rows[0]
+    return GateState(topk_key, tuple(_member_from(d) for d in json.loads(members)),
+                     json.loads(evaluation) if evaluation else None, winner)
+
+
+def save_gate(ledger: Ledger, watch: str, run: str, stream: str, state: GateState) -> None:
+    with ledger.transaction() as db:
+        db.execute("INSERT INTO gates (watch, run, stream, topk_key, members, evaluation, winner, updated_at) "
+                   "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (watch, run, stream) DO UPDATE SET "
+                   "topk_key=excluded.topk_key, members=excluded.members, evaluation=excluded.evaluation, "
+                   "winner=excluded.winner, updated_at=excluded.updated_at",
+                   (watch, run, stream, state.topk_key, json.dumps([_member_json(m) for m in state.members]),
+                    json.dumps(state.evaluation) if state.evaluation is not None else None, state.winner,
+                    time.time()))
