@@ -1,5 +1,8 @@
 """`ckptd status` and what ships with the package: real ledgers written by `ckptd once`, real damaged ledgers,
-a real wheel built from the source tree."""
+a real wheel built from the source tree.
+
+``build_fleet`` is the ledger the status, history and pipe tests share: two real ``ckptd once`` passes over real
+``torch.save`` checkpoints, built once per session (tests that change a ledger work on ``copy_fleet``)."""
 
 from __future__ import annotations
 
@@ -9,23 +12,101 @@ import sqlite3
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import ckptd
+from ckptd.daemon.status import TABLE_WIDEST
+from ckptd.examples import TinyConvNet
 from tests.conftest import PYTHON, REPO, subprocess_env
-from tests.daemon_helpers import make_run, write_config
+from tests.daemon_helpers import write_config
+
+LONG_RUN = "a-very-long-run-name-" + "x" * 60
+EXP_CHECKPOINTS = 20  # w/exp: metric 0.1 + 0.05*i at step 100*(i+1), i = 0..19; top-3 keeps the last three
 
 
-def _ckptd(*args: str) -> subprocess.CompletedProcess[str]:
+@dataclass(frozen=True)
+class Fleet:
+    root: Path
+    config: Path
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "state" / "ledger.sqlite3"
+
+
+def _save(path: Path, seed: int, metric: float) -> None:
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state_dict": TinyConvNet().state_dict(), "metric": metric, "step": seed * 100}, path)
+
+
+def _once(config: Path) -> None:
+    res = ckptd_cli("once", "-c", str(config))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def build_fleet(factory: pytest.TempPathFactory) -> Fleet:
+    """Watch ``w`` (top-3): ``exp`` (20 rising checkpoints: 17 evicted), ``broken`` (good, then a rejected file:
+    an error), ``healed`` (a rejected file, then a good one: no error), and a run with an 81-character name;
+    watch ``v`` (top-2, CoreML export that fails: a 1 s timeout on a factory that does not exist) with ``exp``,
+    processed in the second pass, so that a bare ``exp`` is ambiguous."""
+    root = factory.getbasetemp() / "status-fleet"
+    fleet = Fleet(root, root / "config.yaml")
+    if (root / "built").exists():
+        return fleet
+    shutil.rmtree(root, ignore_errors=True)  # a build that failed half-way
+    root.mkdir()
+    (root / "train2").mkdir()
+    coreml = {"enabled": True, "factory": "no_such_module:build", "timeout": "1s",
+              "inputs": [{"name": "image", "shape": [1, 3, 8, 8]}]}
+    watch = {"runs": "*", "output": str(root / "out/{watch}/{run}"), "settle": "1s", "mode": "events"}
+    write_config(root, extra={
+        "watches": [{"name": "w", "root": str(root / "train"), **watch},
+                    {"name": "v", "root": str(root / "train2"), "policy": "exporting", **watch}],
+        "policies": {"default": {"average": {"top_k": 3}},
+                     "exporting": {"average": {"top_k": 2}, "export": {"coreml": coreml}}}})
+    for i in range(EXP_CHECKPOINTS):
+        _save(root / f"train/exp/ep{i:02d}.pt", i + 1, 0.1 + 0.05 * i)
+    _save(root / "train/broken/good.pt", 50, 0.3)
+    (root / "train/healed").mkdir()
+    (root / "train/healed/garbage.pt").write_bytes(b"definitely not a checkpoint" * 100)
+    _save(root / "train" / LONG_RUN / "only.pt", 60, 0.4)
+    _once(fleet.config)
+    (root / "train/broken/garbage.pt").write_bytes(b"definitely not a checkpoint" * 100)
+    _save(root / "train/healed/good.pt", 80, 0.5)
+    _save(root / "train2/exp/a.pt", 70, 0.6)
+    _once(fleet.config)
+    (root / "built").touch()
+    return fleet
+
+
+def copy_fleet(fleet: Fleet, dest: Path) -> Path:
+    """A private copy of the fleet's ledger, and a config that reads it; returns the config."""
+    shutil.copytree(fleet.root / "state", dest / "state")
+    cfg = yaml.safe_load(fleet.config.read_text())
+    cfg["state_dir"] = str(dest / "state")
+    (dest / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return dest / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    return build_fleet(tmp_path_factory)
+
+
+def ckptd_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, "-m", "ckptd.cli", *args], capture_output=True, text=True, env=subprocess_env(),
                           timeout=120)
 
 
+
 def _status(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return _ckptd("status", "-c", str(config), *extra)
+    return ckptd_cli("status", "-c", str(config), *extra)
 
 
 def _assert_one_clear_error(res: subprocess.CompletedProcess[str], ledger: Path, *words: str) -> None:
@@ -37,23 +118,109 @@ def _assert_one_clear_error(res: subprocess.CompletedProcess[str], ledger: Path,
     assert all(w in lines[0] for w in words), lines[0]
 
 
-@pytest.mark.slow
-def test_status_counts_rejected_checkpoints_as_invalid(tmp_path: Path, tiny) -> None:
-    config = write_config(tmp_path)
-    run = make_run(tmp_path)
-    torch.save({"model_state_dict": tiny(seed=1).state_dict(), "metric": 0.5}, run / "good.pt")
-    (run / "garbage.pt").write_bytes(b"definitely not a checkpoint" * 100)
-    res = _ckptd("once", "-c", str(config))
-    assert res.returncode == 0, res.stderr  # a rejected checkpoint is data, not a failure
-    rows = json.loads(_status(config, "--json").stdout)
-    assert len(rows) == 1 and rows[0]["run"] == "exp"
-    row = rows[0]
-    assert row["checkpoints"].get("invalid") == 1 and row["invalid"] == 1, row
-    assert row["last_invalid"]["source"] == str(run / "garbage.pt") and row["last_invalid"]["reason"]
-    assert row["best"]["source"] == str(run / "good.pt") and len(row["members"]) == 1
-    text = _status(config)
+def _rows(config: Path, *extra: str) -> list[dict]:
+    res = _status(config, "--json", *extra)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def _by_name(rows: list[dict]) -> dict[str, dict]:
+    return {f"{r['watch']}/{r['run']}": r for r in rows}
+
+
+def test_status_counts_rejected_checkpoints_as_invalid(fleet: Fleet) -> None:
+    row = _by_name(_rows(fleet.config))["w/healed"]
+    healed = fleet.root / "train/healed"
+    assert row["checkpoints"] == {"invalid": 1, "done": 1} and row["invalid"] == 1, row
+    assert row["last_invalid"]["source"] == str(healed / "garbage.pt") and row["last_invalid"]["reason"]
+    assert row["best"]["source"] == str(healed / "good.pt") and len(row["members"]) == 1
+    text = _status(fleet.config, "-v")
     assert text.returncode == 0
     assert "1 invalid" in text.stdout and "invalid   1 rejected; latest garbage.pt" in text.stdout, text.stdout
+
+
+def test_json_keeps_every_field_and_adds_activity_errors_and_evaluation(fleet: Fleet) -> None:
+    rows = _rows(fleet.config)
+    assert [(r["watch"], r["run"]) for r in rows] == sorted((r["watch"], r["run"]) for r in rows)  # as before
+    old = {"watch", "run", "run_dir", "output", "mode", "best", "members", "checkpoints", "invalid", "last_invalid",
+           "last_event", "last_event_at", "last_error", "last_error_at", "export", "stream"}
+    new = {"top_k", "last_ok_at", "last_activity_at", "has_error", "evaluation"}
+    for row in rows:
+        assert set(row) == old | new, set(row) ^ (old | new)
+        assert row["evaluation"] is None  # no evaluation recorded in this ledger
+        assert row["last_activity_at"] >= max(t for t in (row["last_event_at"], row["last_ok_at"]) if t)
+    by = _by_name(rows)
+    exp = by["w/exp"]
+    assert exp["top_k"] == 3 and [m["metric"] for m in exp["members"]] == pytest.approx([1.05, 1.0, 0.95])
+    assert exp["best"]["step"] == 2000 and exp["checkpoints"] == {"done": EXP_CHECKPOINTS}
+    assert set(exp["export"] or {}) == set() and by["v/exp"]["top_k"] == 2
+    assert {"status", "reason", "source", "metric", "finished_at"} <= set(by["v/exp"]["export"])
+    assert by["v/exp"]["export"]["status"] == "failed"
+    assert by["v/exp"]["last_error"].startswith("coreml export:")
+    # healed: an old rejected file, a newer good one; broken: the reverse
+    assert by["w/healed"]["last_invalid"]["at"] < by["w/healed"]["last_ok_at"]
+    assert by["w/broken"]["last_invalid"]["at"] > by["w/broken"]["last_ok_at"]
+    assert {name for name, r in by.items() if r["has_error"]} == {"v/exp", "w/broken"}
+
+
+def _table(config: Path, *extra: str) -> list[str]:
+    res = _status(config, *extra)
+    assert res.returncode == 0 and not res.stderr, res
+    return res.stdout.splitlines()
+
+
+def test_table_has_one_aligned_line_per_run_newest_activity_first(fleet: Fleet) -> None:
+    rows = _rows(fleet.config)
+    lines = _table(fleet.config)
+    header, body = lines[0], lines[1:]
+    assert header.split() == ["!", "RUN", "STREAM", "BEST", "STEP", "TOP-K", "SEEN", "LAST", "EVENT", "AGE",
+                              "EXPORT"], header
+    assert len(body) == len(rows) == 5
+    newest_first = [f"{r['watch']}/{r['run']}" for r in sorted(rows, key=lambda r: -r["last_activity_at"])]
+    run_col, stream_col = header.index("RUN"), header.index("STREAM")
+    names = [line[run_col:stream_col].strip() for line in body]
+    width = TABLE_WIDEST["RUN"]
+    assert names == [n if len(n) <= width else n[:width - 1] + "…" for n in newest_first], names
+    assert all(line[stream_col:stream_col + 5] == "model" for line in body), lines  # columns line up
+    assert newest_first[0] == "v/exp"  # the second pass ran its export last
+    cells = {line[run_col:stream_col].strip(): line for line in body}
+    assert [line[0] for line in body] == ["!" if n in ("v/exp", "w/broken") else " " for n in names]
+    exp = cells["w/exp"][stream_col:].split()
+    assert exp[:5] == ["model", "1.05", "2000", "3/3", str(EXP_CHECKPOINTS)] and exp[-1] == "-", exp
+    assert cells["v/exp"].split()[-1] == "failed" and "export_failed" in cells["v/exp"]
+    long_name = next(n for n in names if n.startswith("w/a-very-long"))
+    assert len(long_name) == width and long_name.endswith("…") and len(f"w/{LONG_RUN}") > width
+    assert max(map(len, lines)) < 120 and all(line == line.rstrip() for line in lines)
+
+
+def test_filters_apply_to_the_table_and_to_json(fleet: Fleet) -> None:
+    def names(*extra: str) -> list[str]:
+        return sorted(_by_name(_rows(fleet.config, *extra)))
+
+    assert names("--run", "exp") == ["v/exp", "w/exp"]  # the run name
+    assert names("--run", "w/*") == sorted(["w/broken", "w/exp", "w/healed", f"w/{LONG_RUN}"])  # or watch/run
+    assert names("--watch", "v") == ["v/exp"]
+    assert names("--errors") == ["v/exp", "w/broken"]
+    assert names("--errors", "--watch", "w") == ["w/broken"]
+    assert names("--run", "nothing*") == []
+    table = _table(fleet.config, "--errors")
+    assert len(table) == 3 and all(line.startswith("!") for line in table[1:]), table
+    assert _table(fleet.config, "--run", "w/e*", "-v")[0] == "w/exp  (max)"
+    empty = _table(fleet.config, "--run", "nothing*", "--errors")
+    assert empty == ["no runs with errors matching --run 'nothing*' (5 recorded; plain `ckptd status` lists them "
+                     "all)"], empty
+    assert _table(fleet.config, "--watch", "nope") == [
+        "no runs match --watch 'nope' (5 recorded; plain `ckptd status` lists them all)"]
+
+
+def test_verbose_keeps_the_block_per_run(fleet: Fleet) -> None:
+    text = "\n".join(_table(fleet.config, "-v"))
+    blocks = text.split("\n" + "w/")[0]  # newest first: v/exp's block leads
+    assert blocks.startswith("v/exp  (max)\n  best      0.6 from a.pt (step 7000)\n"), text
+    assert "  coreml    failed: " in blocks and "  error     coreml export: " in blocks
+    assert "w/exp  (max)\n  best      1.05 from ep19.pt (step 2000)\n  top-k     3 member(s): 1.05, 1, 0.95\n" \
+           f"  seen      {EXP_CHECKPOINTS} done\n" in text, text
+    assert "  eval " not in text
 
 
 def test_no_ledger_yet_is_not_an_error(tmp_path: Path) -> None:
@@ -88,12 +255,9 @@ def test_foreign_sqlite_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_locked_ledger_is_a_clear_error(tmp_path: Path, tiny) -> None:
+def test_locked_ledger_is_a_clear_error(tmp_path: Path, fleet: Fleet) -> None:
     """Another process holds the ledger exclusively (locking_mode=EXCLUSIVE, which shuts out WAL readers too)."""
-    config = write_config(tmp_path)
-    run = make_run(tmp_path)
-    torch.save({"model_state_dict": tiny(seed=1).state_dict(), "metric": 0.5}, run / "good.pt")
-    assert _ckptd("once", "-c", str(config)).returncode == 0
+    config = copy_fleet(fleet, tmp_path)
     ledger = tmp_path / "state" / "ledger.sqlite3"
     holder = sqlite3.connect(ledger, isolation_level=None)
     try:
@@ -107,20 +271,24 @@ def test_locked_ledger_is_a_clear_error(tmp_path: Path, tiny) -> None:
 
 
 def test_status_read_model_does_not_import_torch() -> None:
-    code = ("import sys, ckptd.cli, ckptd.cli_daemon, ckptd.daemon.status; "
+    code = ("import sys, ckptd.cli, ckptd.cli_daemon, ckptd.daemon.status, ckptd.daemon.history; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=60)
     assert res.returncode == 0, res.stderr
 
 
-def test_status_and_check_commands_do_not_import_torch(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
-    code = ("import sys; from ckptd.cli import main; rc = [main(['check', '-c', sys.argv[1]]), "
-            "main(['status', '-c', sys.argv[1]])]; assert rc == [0, 0], rc; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    res = subprocess.run([PYTHON, "-c", code, str(config)], capture_output=True, text=True, env=subprocess_env(),
-                         timeout=60)
+def test_status_history_and_check_commands_do_not_import_torch_or_coremltools(fleet: Fleet) -> None:
+    """Over a real ledger, every view: the table, -v, filtered JSON, history as text and JSON, check."""
+    code = ("import sys; from ckptd.cli import main; c = sys.argv[1]; "
+            "rc = [main(['check', '-c', c]), main(['status', '-c', c]), main(['status', '-c', c, '-v']), "
+            "main(['status', '-c', c, '--json', '--errors', '--run', '*']), main(['history', 'w/exp', '-c', c]), "
+            "main(['history', 'exp', '--watch', 'v', '-c', c, '--json'])]; "
+            "assert rc == [0] * 6, rc; heavy = {'torch', 'coremltools'} & set(sys.modules); "
+            "assert not heavy, f'imported {heavy}'")
+    res = subprocess.run([PYTHON, "-c", code, str(fleet.config)], capture_output=True, text=True,
+                         env=subprocess_env(), timeout=60)
     assert res.returncode == 0, res.stderr
+    assert "w/exp  stream model  (max)" in res.stdout and '"status": "failed"' in res.stdout  # they did read it
 
 
 def test_example_config_ships_in_the_package_and_the_demo_reads_it() -> None:

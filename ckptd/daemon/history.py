@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from ckptd.daemon.policy import Record, ranked
 from ckptd.daemon.status import (
     evaluation_dict,
+    fmt_num,
     has_table,
     ledger_path,
     open_ledger_ro,
@@ -120,10 +121,6 @@ def _read(db: sqlite3.Connection, config: Any, watch: str, run: str, stream: str
     }
 
 
-def _num(value: float | int | None) -> str:
-    return "-" if value is None else f"{value:g}"
-
-
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
@@ -156,7 +153,7 @@ def print_history(history: dict[str, Any], stream: TextIO | None = None) -> None
     print(f"{title}: {len(cps)} checkpoint(s), {sum(c['member'] for c in cps)} in the top-k, "
           f"{len(history['exports'])} export(s)"
           + (f", {len(history['evaluations'])} evaluation(s)" if history["evaluations"] else ""), file=out)
-    cells = [[_when(i["at"]), i["event"], _num(i["step"]), _num(i["metric"]), i["result"] or "-", i["note"],
+    cells = [[_when(i["at"]), i["event"], fmt_num(i["step"]), fmt_num(i["metric"]), i["result"] or "-", i["note"],
               i["subject"], i["reason"] or ""] for i in timeline(history)]
     for text in render_table(HISTORY_HEADERS, cells, right=("STEP", "METRIC"),
                              widest={"SUBJECT": 48, "REASON": 160}):

@@ -301,11 +301,12 @@ def render_table(headers: Sequence[str], cells: Sequence[Sequence[str]], *, righ
     return [line(headers), *(line(row) for row in cells)]
 
 
-def _num(value: float | int | None) -> str:
+def fmt_num(value: float | int | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
 TABLE_HEADERS = ("!", "RUN", "STREAM", "BEST", "STEP", "TOP-K", "SEEN", "LAST EVENT", "AGE", "EXPORT")
+TABLE_WIDEST = {"RUN": 40, "STREAM": 16, "LAST EVENT": 32, "EXPORT": 12}  # longer cells end in an ellipsis
 
 
 def print_table(rows: Sequence[dict[str, Any]], stream: TextIO | None = None, *, now: float | None = None) -> None:
@@ -317,11 +318,11 @@ def print_table(rows: Sequence[dict[str, Any]], stream: TextIO | None = None, *,
     cells = []
     for s in (summary(r) for r in by_activity(rows)):
         topk = f"{s['members']}/{s['top_k']}" if s["top_k"] else str(s["members"])
-        cells.append(["!" if s["has_error"] else "", f"{s['watch']}/{s['run']}", s["stream"], _num(s["best_metric"]),
-                      _num(s["best_step"]), topk, str(s["seen"]), s["last_event"] or "-",
+        cells.append(["!" if s["has_error"] else "", f"{s['watch']}/{s['run']}", s["stream"], fmt_num(s["best_metric"]),
+                      fmt_num(s["best_step"]), topk, str(s["seen"]), s["last_event"] or "-",
                       age(s["last_activity_at"], now), s["export"] or "-"])
     for text in render_table(TABLE_HEADERS, cells, right=("BEST", "STEP", "TOP-K", "SEEN", "AGE"),
-                             widest={"RUN": 48, "STREAM": 16, "LAST EVENT": 32, "EXPORT": 12}):
+                             widest=TABLE_WIDEST):
         print(text, file=out)
 
 

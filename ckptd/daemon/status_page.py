@@ -42,9 +42,11 @@ body{margin:0;background:#f5f6f8;color:#1f2937;
 header{background:#111827;color:#f9fafb;padding:10px 24px;display:flex;align-items:baseline;gap:18px}
 header a{color:#f9fafb;text-decoration:none;font-weight:600;font-size:16px}
 header .crumb{color:#d1d5db;overflow-wrap:anywhere}
+header .crumb a{color:#d1d5db;font-weight:400;font-size:14px}
 header .meta{color:#9ca3af;font-size:12px;margin-left:auto;white-space:nowrap}
 main{max-width:1180px;margin:0 auto;padding:14px 24px 40px}
-h1{font-size:20px;margin:6px 0 10px;overflow-wrap:anywhere}
+h1{font-size:20px;margin:6px 0 2px;overflow-wrap:anywhere}
+.sub{margin:0 0 12px;color:#6b7280;font-size:12px;overflow-wrap:anywhere}
 h2{font-size:13px;margin:22px 0 8px;color:#4b5563;text-transform:uppercase;letter-spacing:.04em}
 a{color:#1d4ed8}
 .card{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:12px 16px}
@@ -61,7 +63,7 @@ tr:last-child td{border-bottom:none}
 .b-ok{background:#dcfce7;color:#166534}.b-bad{background:#fee2e2;color:#991b1b}
 .b-run{background:#dbeafe;color:#1e40af}.b-warn{background:#fef3c7;color:#92400e}
 .err{color:#b91c1c}
-.summary{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:10px}
+.summary{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
 .summary div{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:8px 12px}
 .summary .k{display:block;color:#6b7280;font-size:12px}
 .summary .v{display:block;font-size:15px;overflow-wrap:anywhere}
@@ -228,6 +230,11 @@ def _padded(lo: float, hi: float, frac: float) -> tuple[float, float]:
     return out_lo, out_hi
 
 
+def _headroom(lo: float, hi: float) -> float:
+    out = hi + (hi - lo) * 0.08
+    return out if math.isfinite(out) else hi
+
+
 def _norm(v: float, lo: float, hi: float) -> float:
     """(v - lo) / (hi - lo) without overflow for huge ranges; 0.5 for an empty range."""
     span = hi / 2 - lo / 2
@@ -290,6 +297,7 @@ def chart_svg(checkpoints: list[dict[str, Any]], mode: str = "max", width: int =
     ys = [v for _, _, v in plotted]
     x_lo, x_hi = _padded(min(xs), max(xs), 0.03)
     y_lo, y_hi = _padded(min(ys), max(ys), 0.08)
+    y_hi = _headroom(y_lo, y_hi)  # room above the top point for the best's label
     left, right, top, bottom = 78, 22, 18, 46
     pw, ph = width - left - right, height - top - bottom
 
@@ -331,9 +339,9 @@ def chart_svg(checkpoints: list[dict[str, Any]], mode: str = "max", width: int =
         if kind == "best":
             best_at = k
     if best_at is not None:
-        x, y = px(xs[best_at]), py(ys[best_at])
-        anchor, dx = ("end", -12) if x > left + pw * 0.8 else ("start", 12)
-        dy = 18 if y < top + 20 else -10
+        x, y = px(xs[best_at]), py(ys[best_at])  # the label sits above the point (below it at the very top)
+        anchor, dx = ("end", 8) if x > left + pw - 60 else ("start", -8) if x < left + 60 else ("middle", 0)
+        dy = 24 if y < top + 24 else -13
         label = f"best {fmt_metric(ys[best_at])}"
         parts.append(f'<text class="lbl" x="{x + dx}" y="{y + dy}" text-anchor="{anchor}">{esc(label)}</text>')
     parts.append("</svg>")
@@ -410,7 +418,6 @@ def render_run(history: dict[str, Any], row: dict[str, Any] | None, now: float) 
         event = row.get("last_event")
         summary.append(cell("last event", (f'{esc(event)} <span class="muted small">'
                                            f'{_age_cell(row.get("last_event_at"), now)}</span>') if event else "—"))
-        summary.append(cell("output", f'<code>{esc(row.get("output") or "—")}</code>'))
     exports = list(history.get("exports") or [])
     if exports:
         e = exports[-1]
@@ -419,7 +426,9 @@ def render_run(history: dict[str, Any], row: dict[str, Any] | None, now: float) 
         summary.append(cell("error", f'<span class="err">⚠ {esc(fmt_age(row.get("last_error_at"), now))}</span>',
                             str(row["last_error"])))
 
-    body = [f"<h1>{esc(title)}</h1>", f'<div class="summary">{"".join(summary)}</div>',
+    sub = f'{"lower" if mode == "min" else "higher"} metric is better' + (
+        f' · output <code>{esc(row["output"])}</code>' if row and row.get("output") else "")
+    body = [f"<h1>{esc(title)}</h1>", f'<p class="sub">{sub}</p>', f'<div class="summary">{"".join(summary)}</div>',
             "<h2>Metric by step</h2>", f'<div class="card">{chart_svg(checkpoints, mode)}{_legend()}</div>']
 
     body.append("<h2>Average members</h2>")
@@ -465,7 +474,7 @@ def render_run(history: dict[str, Any], row: dict[str, Any] | None, now: float) 
          for c in reversed(checkpoints[-MAX_TABLE_ROWS:])),
         "no checkpoints seen yet", numeric=(1, 2)))
 
-    crumb = f'/ <a href="{esc(run_href(watch, str(run), stream))}">{esc(title)}</a>'
+    crumb = f'<a href="/">runs</a> › {esc(title)}'
     return page(f"ckptd · {title}", "".join(body), now, crumb=crumb)
 
 
