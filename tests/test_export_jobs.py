@@ -20,7 +20,7 @@ import torch
 
 from ckptd.daemon.config import CoremlPolicy, InputSpec, Policy, Watch
 from ckptd.daemon.export_inputs import inputs_dir
-from ckptd.daemon.export_state import coreml_block
+from ckptd.daemon.export_state import coreml_block, export_target
 from ckptd.daemon.exports import ExportScheduler
 from ckptd.daemon.ledger import Ledger, MemberRow
 from ckptd.daemon.pipeline import RunContext
@@ -66,6 +66,9 @@ class Run:
     def members(self) -> list[MemberRow]:
         rows = self.ledger.members(self.ctx.watch.name, self.ctx.run)
         return sorted(rows, key=lambda m: -(m.record.metric or 0.0))
+
+    def export_target(self) -> str | None:
+        return export_target(self.ctx.policy, self.members())
 
     def note_export(self, block: dict[str, Any], *, ok: bool) -> None:
         self.notes.append((block, ok))

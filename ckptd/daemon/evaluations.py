@@ -88,18 +88,20 @@ class Evaluator:
         self.cache_hits = 0
 
     def weights_for(self, subset: Sequence[MemberRow]) -> Path:
-        """One member: its pinned copy. Several: their uniform average, written once per set."""
+        """One member: a private copy of its pinned copy. Several: their uniform average, written once per set."""
         skey = store.set_key([m.record.sha256 for m in subset])
         if skey in self.files:
             return self.files[skey]
-        if len(subset) == 1:
-            path = Path(subset[0].file)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{skey[:24]}.safetensors"
+        if len(subset) == 1 and False:  # never the pinned copy itself: it is best.safetensors (a hard link), and the user's
+            shutil.copyfile(subset[0].file, path)  # program could write to it (its answer is refused, too late)
         else:
             from ckptd.daemon.outputs import write_candidate_average  # torch: only when a soup is evaluated
 
-            self.dir.mkdir(parents=True, exist_ok=True)
-            path = self.dir / f"{skey[:24]}.safetensors"
             write_candidate_average(path, subset, self.run.ctx.policy)
+        if len(subset) == 1:
+            path = Path(subset[0].file)
         self.files[skey] = path
         return path
 

@@ -42,7 +42,9 @@ def take_input(output: Path, file: Path, sha256: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / f"{sha256[:16]}-{os.getpid()}-{next(_counter)}{file.suffix}"
     try:
-        os.link(file, dest, follow_symlinks=True)  # published names may be links into a generation
+        # published names may be links into a generation: link the real file (CPython's os.link on Linux
+        # ignores follow_symlinks=True and links the symlink itself, whose relative target then dangles)
+        os.link(os.path.realpath(file), dest)
     except FileNotFoundError:
         raise InputUnavailableError(errno.ENOENT, "ckptd's own output to export is missing", str(file)) from None
     except OSError as exc:
