@@ -96,3 +96,25 @@ def test_daemon_survives_sigpipe(tmp_path: Path) -> None:
         assert daemon.proc.poll() is None, daemon.log_path.read_text()[-2000:]
     finally:
         assert daemon.stop() == 0
+
+
+def test_daemon_whose_log_reader_went_away_still_does_its_work(tmp_path: Path) -> None:
+    """`ckptd once 2>&1 | head -1`: the log pipe closes after one line; the daemon drops the rest of its log lines
+    instead of dying on EPIPE in the middle of a job, and publishes as usual."""
+    import torch
+
+    config = write_config(tmp_path, watch={"settle": 0})
+    run = tmp_path / "train" / "exp"
+    run.mkdir(parents=True)
+    for i in range(3):
+        torch.save({"model": {"w": torch.full((4,), float(i))}, "metric": float(i)}, run / f"ckpt_{i}.pt")
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "once", "-c", str(config)], stdout=write_end,
+                            stderr=write_end, env=subprocess_env(), cwd=tmp_path)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        first = reader.readline()  # one log line, then the reader is gone
+    assert first.startswith(b"{"), first
+    assert proc.wait(timeout=120) == 0
+    manifest = (tmp_path / "out" / "w" / "exp" / "manifest.json").read_text()
+    assert '"metric": 2.0' in manifest and "average.safetensors" in manifest

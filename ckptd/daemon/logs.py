@@ -11,8 +11,37 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class _SafeStream:
+    """The log stream, minus its power to kill the daemon: when the reader goes away (a closed pipe, a stopped
+    journald, ``ckptd once 2>&1 | head``) log lines are dropped instead of raising in the middle of a job."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def isatty(self) -> bool:
+        return bool(self.stream.isatty())
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            return len(text)
+        try:
+            return int(self.stream.write(text) or 0)
+        except (BrokenPipeError, ValueError, OSError):  # ValueError: the stream was closed
+            self.broken = True
+            return len(text)
+
+    def flush(self) -> None:
+        if self.broken:
+            return
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            self.broken = True
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
-    stream = stream or sys.stderr
+    stream = _SafeStream(stream or sys.stderr)
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = structlog.processors.JSONRenderer(sort_keys=False) if use_json else \
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
