@@ -94,14 +94,12 @@ class Evaluator:
             return self.files[skey]
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{skey[:24]}.safetensors"
-        if len(subset) == 1 and False:  # never the pinned copy itself: it is best.safetensors (a hard link), and the user's
+        if len(subset) == 1:  # never the pinned copy itself: it is best.safetensors (a hard link), and the user's
             shutil.copyfile(subset[0].file, path)  # program could write to it (its answer is refused, too late)
         else:
             from ckptd.daemon.outputs import write_candidate_average  # torch: only when a soup is evaluated
 
             write_candidate_average(path, subset, self.run.ctx.policy)
-        if len(subset) == 1:
-            path = Path(subset[0].file)
         self.files[skey] = path
         return path
 
@@ -244,8 +242,8 @@ class EvaluationScheduler:
             if self.stopping:
                 return
             run.apply_evaluation(decision, topk, evaluator.files, best_value)
-            if decision is not None and decision.rejected is not None and not decision.publish:
-                self.count("rejected")
+            if decision is not None and decision.rejected is not None:
+                self.count("rejected")  # the newest candidate lost (a gated average kept, a member left out)
         except BudgetSpent as exc:
             run.log.warning("evaluation.deferred", action="wait", retry_in=f"{exc.wait:.0f}s",
                             reason=f"the policy's evaluate.max_per_hour "
