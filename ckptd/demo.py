@@ -2,6 +2,12 @@
 
 Everything is local and offline: synthetic data, a built-in model, a config generated from
 ``config.example.yaml`` (shipped inside the package as the demo's template), the daemon as a subprocess.
+
+The average is gated (``average: {gate: true}``): a new top-k average is published only when the demo's evaluation
+program (``python -m ckptd.examples evaluate``, held-out accuracy) scores it at least as well as the best member,
+less a margin. Late in the run a checkpoint "from another run" lands: the best network with its channels swapped,
+the same function (same accuracy) from another basin. It joins the top-k on its metric, and the gate keeps it
+out of the published average, saying why.
 """
 
 from __future__ import annotations
@@ -21,24 +27,32 @@ import torch
 import yaml
 from torch import nn
 
-from ckptd.examples import TinyConvNet
+from ckptd.examples import TinyConvNet, swap_channels, synthetic_images
 from ckptd.training_state import build_training_state, save_training_state
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent / "config.example.yaml"  # package data (ships in the wheel)
 
 
+FOREIGN = "from_other_run.pt"
+MARGIN = 0.02  # accuracy an average may lose against the best member and still be published
+MIN_MEMBERS = 3  # = top_k: the gate decides about full top-3 averages only
+
+
 def synthetic_training(out: Path, epochs: int, *, pause: float = 0.3, delete_non_topk: int = 0,
-                       on_save: Callable[[dict[str, Any]], None] | None = None) -> Iterator[dict[str, Any]]:
+                       on_save: Callable[[dict[str, Any]], None] | None = None,
+                       foreign_after: int | None = None) -> Iterator[dict[str, Any]]:
     """Train a TinyConvNet on synthetic data; after each epoch save a training state (atomically) whose
-    ``metric`` is this epoch's accuracy. Yields one record per checkpoint."""
+    ``metric`` is this epoch's accuracy. Yields one record per checkpoint. After epoch ``foreign_after`` it also
+    saves ``from_other_run.pt``: the best network so far with its channels swapped (another basin, the same
+    accuracy), ranked just below that best (record ``foreign: True``)."""
     out.mkdir(parents=True, exist_ok=True)
+    x, y = synthetic_images(64, seed=0)
     torch.manual_seed(0)
-    x = torch.randn(64, 3, 8, 8)
-    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0].mean(dim=(1, 2)) > 0.1).long()
     model = TinyConvNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     saved: list[tuple[float, Path]] = []
     best: float | None = None
+    best_state: dict[str, torch.Tensor] = {}
     for epoch in range(epochs):
         model.train()
         for i in range(0, 64, 16):
@@ -49,6 +63,8 @@ def synthetic_training(out: Path, epochs: int, *, pause: float = 0.3, delete_non
         model.eval()
         with torch.no_grad():
             acc = float((model(x).argmax(1) == y).float().mean()) + epoch * 1e-4  # distinct metrics
+        if best is None or acc > best:
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         best = acc if best is None else max(best, acc)
         path = out / f"training_checkpoint_{epoch}.pt"
         save_training_state(build_training_state(model, opt, epoch=epoch, iteration=(epoch + 1) * 4,
@@ -56,6 +72,13 @@ def synthetic_training(out: Path, epochs: int, *, pause: float = 0.3, delete_non
         saved.append((acc, path))
         record = {"path": str(path), "metric": acc, "epoch": epoch, "loss": float(loss.detach())}
         yield record
+        if epoch == foreign_after:
+            other = TinyConvNet()
+            other.load_state_dict(swap_channels(best_state))
+            foreign = out / FOREIGN
+            save_training_state(build_training_state(other, None, epoch=epoch, iteration=(epoch + 1) * 4,
+                                                     best_metric=best, metric=best - 5e-5), foreign)
+            yield {"path": str(foreign), "metric": best - 5e-5, "epoch": epoch, "foreign": True}
         if delete_non_topk:
             keep = {p for _, p in sorted(saved, key=lambda t: -t[0])[:delete_non_topk]}
             for _, p in saved:
@@ -74,8 +97,11 @@ def demo_config(base: Path, export: bool) -> dict[str, Any]:
                   "settle": "1s", "mode": "auto"})
     cfg["watches"] = [watch]
     policy = cfg.setdefault("policies", {}).setdefault("default", {})
-    policy.setdefault("average", {})["top_k"] = 3
+    policy["average"] = {**policy.get("average", {}), "top_k": 3, "min_members": MIN_MEMBERS, "gate": True,
+                         "margin": MARGIN}
     policy["metric"] = {"mode": "max", "sources": [{"checkpoint": "metric"}]}
+    policy["evaluate"] = {"command": [sys.executable, "-m", "ckptd.examples", "evaluate"], "metric": "accuracy",
+                          "mode": "max", "timeout": "2m"}
     coreml = policy.setdefault("export", {}).setdefault("coreml", {})
     coreml.update({"enabled": export, "factory": "ckptd.examples:build_tiny_convnet",
                    "factory_kwargs": {"width": 8, "num_classes": 3},
@@ -102,17 +128,24 @@ def run_demo(directory: str | None, *, epochs: int = 8, export: bool = True) -> 
         reader.wait(lambda e: e["event"] == "daemon.ready", 60, daemon)
         print(f"daemon running (pid {daemon.pid}); training a tiny model for {epochs} epochs …")
         records = []
-        for rec in synthetic_training(base / "train" / "exp1", epochs, pause=0.5, delete_non_topk=2):
+        manifest_path = base / "out" / "demo" / "exp1" / "manifest.json"
+        foreign_after = epochs - 2 if epochs >= 3 else None
+        for rec in synthetic_training(base / "train" / "exp1", epochs, pause=0.5, delete_non_topk=2,
+                                      foreign_after=foreign_after):
             records.append(rec)
-            print(f"  epoch {rec['epoch']}: accuracy {rec['metric']:.4f} -> {Path(rec['path']).name}")
+            if rec.get("foreign"):
+                print(f"  a checkpoint from another run lands: {FOREIGN} (the best network with its channels "
+                      f"swapped: same accuracy {rec['metric']:.4f}, another basin)")
+            else:
+                print(f"  epoch {rec['epoch']}: accuracy {rec['metric']:.4f} -> {Path(rec['path']).name}")
             for event in reader.new():
                 _show(event)
+            if rec["epoch"] == foreign_after:  # before and after the foreign checkpoint: each decision in turn
+                _wait_decision(reader, daemon, manifest_path, rec["path"])
         last = records[-1]["path"]
-        reader.wait(lambda e: e.get("checkpoint") == last and e["event"].startswith("checkpoint."), 60, daemon,
-                    show=True)
+        _wait_decision(reader, daemon, manifest_path, last)
         if export:
             print("waiting for the CoreML export of the final best …")
-            manifest_path = base / "out" / "demo" / "exp1" / "manifest.json"
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 for event in reader.new():
@@ -148,12 +181,70 @@ def run_demo(directory: str | None, *, epochs: int = 8, export: bool = True) -> 
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"\nmanifest: {out / 'manifest.json'} (best {manifest['best']['metric']:.4f} from "
           f"{Path(manifest['best']['source']).name})")
+    _summarize_gate(manifest, reader.seen)
     if manifest.get("coreml"):
         c = manifest["coreml"]
         checks = ", ".join(f"{k} {c['verification'].get(k)}" for k in ("graph_parity", "spec", "package_run")
                            if k in c.get("verification", {}))
         print(f"coreml:   {out / 'best.mlpackage'} ({c['status']}; {checks})")
     return 0
+
+
+def _decided(manifest: dict[str, Any], checkpoint: str) -> bool:
+    """Does the manifest show the gate's decision for the top-k that ``checkpoint`` joined?"""
+    topk = [e["source"] for e in manifest.get("top_k_members") or []]
+    avg = manifest.get("average") or {}
+    if checkpoint not in topk or len(topk) < MIN_MEMBERS:
+        return True  # it did not join, or no average is due yet: nothing to decide
+    ev = avg.get("evaluation") or {}
+    if ev.get("current") is True:
+        return True
+    return not avg.get("members") and (ev.get("rejected") or {}).get("members") == topk
+
+
+def _wait_decision(reader: _LogReader, daemon: subprocess.Popen[bytes], manifest_path: Path, checkpoint: str,
+                   timeout: float = 300) -> None:
+    """Wait until the daemon processed ``checkpoint`` and evaluated the top-k it joined (showing the log)."""
+    reader.wait(lambda e: e.get("checkpoint") == checkpoint and e["event"].startswith("checkpoint."), 60, daemon,
+                show=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in reader.new():
+            _show(event)
+        try:
+            if _decided(json.loads(manifest_path.read_text()), checkpoint):
+                return
+        except (OSError, ValueError):
+            pass
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited early; see {reader.path}")
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for the evaluation of {Path(checkpoint).name}; see {reader.path}")
+
+
+def _summarize_gate(manifest: dict[str, Any], events: list[dict[str, Any]]) -> None:
+    """What the evaluation gate published, and what it kept out and why."""
+    avg = manifest.get("average") or {}
+    ev = avg.get("evaluation") or {}
+    names = ", ".join(Path(m["source"]).name for m in avg.get("members", []))
+    if avg.get("members"):
+        print(f"average:  {avg['path']} = uniform average of {avg['k']} ({names}); evaluated {ev.get('metric')} "
+              f"{_num(ev.get('value'))} (the best member now: {_num(ev.get('best_value'))}; an average is published "
+              f"only if it scores >= the best member's - {ev.get('margin', MARGIN):g})")
+    else:
+        print(f"average:  none published: {avg.get('waiting_for', 'no average yet')}")
+    published = sum(e["event"] == "average.published" for e in events)
+    rejected = [e for e in events if e["event"] == "average.rejected"]
+    print(f"gate:     {published} average(s) published, {len(rejected)} candidate(s) rejected in this run")
+    last = ev.get("rejected")
+    if last:
+        holds = [Path(s).name for s in last.get("members", [])]
+        why = f" (it holds {FOREIGN}: another basin)" if FOREIGN in holds else ""
+        print(f"          newest candidate REJECTED{why}; the average above stays: {last['reason']}")
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "?"
 
 
 class _LogReader:
@@ -203,3 +294,14 @@ def _show(e: dict[str, Any]) -> None:
         print(f"    ckptd: {Path(e.get('checkpoint', '?')).name}: {name.split('.', 1)[1]} ({e.get('reason', '')})")
     elif name.startswith("export."):
         print(f"    ckptd: CoreML {name.split('.', 1)[1]}" + (f" ({e['reason']})" if e.get("reason") else ""))
+    elif name == "evaluation.finished":
+        what = "the best member alone" if e.get("candidate") == "member" else f"the average of {e.get('members')}"
+        print(f"    ckptd: evaluated {what}: {e.get('metric_name')} {_num(e.get('value'))}")
+    elif name == "evaluation.superseded":
+        print("    ckptd: evaluation superseded (the top-k changed meanwhile; the newer one is evaluated)")
+    elif name == "evaluation.failed":
+        print(f"    ckptd: evaluation failed ({e.get('reason')})")
+    elif name == "average.published":
+        print(f"    ckptd: gate: average of {e.get('members')} published (evaluated {_num(e.get('value'))})")
+    elif name == "average.rejected":
+        print(f"    ckptd: gate: average REJECTED, not published ({e.get('reason')})")

@@ -1,24 +1,44 @@
 """A real evaluation program for ckptd's evaluation gate (used by the tests and the benchmark).
 
-ckptd runs it with the candidate's model-only weights in CKPTD_WEIGHTS; it loads them into the tiny model of
-``tests/soup_models.py``, computes the loss on the fixed synthetic data and prints one JSON line. With
-``EVAL_MODE`` set it misbehaves on purpose: ``fail`` (exit 3), ``hang`` (sleeps), ``lie`` (prints no JSON),
-``nan`` (a non-finite metric), ``touch`` (modifies its input).
+ckptd runs it with the candidate's model-only weights in ``CKPTD_WEIGHTS``; it loads them into the tiny MLP of
+``tests/soup_models.py`` (4 -> 16 -> 1, ReLU), computes the mean squared error on fixed synthetic data and prints
+one JSON line ``{"loss": ..., "n": 256}``. NumPy only (no torch import): one evaluation costs ~0.2 s, so tests can
+afford real evaluation processes. ``soup_models`` trains on the same data (``data()`` here is the one source).
+
+With ``EVAL_MODE`` set it misbehaves on purpose: ``fail`` (exit 3), ``hang`` (starts a helper child, which stays in
+the evaluator's process group, then both sleep), ``lie`` (prints no JSON), ``nan`` (a non-finite metric),
+``touch`` (appends to its input weights file after reading it). ``EVAL_SLEEP`` (seconds) makes a well-behaved
+evaluation take longer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-from safetensors.torch import load_file  # noqa: E402
+IN, N = 4, 256
+TEACHER = np.array([[1.0], [-2.0], [0.5], [1.5]], dtype=np.float32)
 
-import soup_models  # noqa: E402
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    """The fixed synthetic regression data (float32): x of shape (256, 4), y of shape (256, 1)."""
+    rng = np.random.default_rng(1234)
+    x = rng.standard_normal((N, IN)).astype(np.float32)
+    y = (np.sin(x @ TEACHER) + 0.1 * x[:, :1] ** 2).astype(np.float32)
+    return x, y
+
+
+def loss(weights: dict[str, np.ndarray]) -> float:
+    """MSE of the MLP with these weights (keys of ``nn.Sequential(Linear, ReLU, Linear)``), in float64."""
+    x, y = (a.astype(np.float64) for a in data())
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    hidden = np.maximum(x @ w["0.weight"].T + w["0.bias"], 0.0)
+    return float(np.mean((hidden @ w["2.weight"].T + w["2.bias"] - y) ** 2))
 
 
 def main() -> int:
@@ -28,16 +48,20 @@ def main() -> int:
     if mode == "fail":
         print("boom", file=sys.stderr)
         return 3
-    if mode == "hang":
+    if mode == "hang":  # a forked helper too: killing only the direct child would leave it behind
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         time.sleep(3600)
     if mode == "lie":
         print("loss is low, trust me")
         return 0
-    if mode == "touch":
+    time.sleep(float(os.environ.get("EVAL_SLEEP", "0")))
+    from safetensors.numpy import load_file
+
+    value = loss(load_file(weights))
+    if mode == "touch":  # after reading: its answer is right, but it wrote to ckptd's file
         with open(weights, "ab") as fh:
             fh.write(b"\0")
-    loss = soup_models.loss_of(load_file(weights))
-    print(json.dumps({"loss": float("nan") if mode == "nan" else loss, "n": 256}))
+    print(json.dumps({"loss": float("nan") if mode == "nan" else value, "n": N}))
     return 0
 
 

@@ -56,6 +56,11 @@ class BudgetSpent(Exception):
         self.wait = wait
 
 
+class Superseded(Exception):
+    """A member of the set being evaluated left the top-k meanwhile (its pinned copy may be gone): the job stops
+    without a decision; the join that evicted it requested the evaluation of the newer top-k."""
+
+
 class Budget:
     """Evaluations started per policy in the last hour (kept in memory: a restart starts a fresh hour)."""
 
@@ -130,6 +135,11 @@ class Evaluator:
                 verdict = type(verdict)(None, "the evaluator modified its input weights file; its answer is not "
                                               "trusted", verdict.seconds, verdict.output)
         except Exception as exc:  # ckptd's own trouble (disk, averaging): the evaluation failed, the run goes on
+            current = {m.record.sha256 for m in self.run.members()}
+            if any(sha not in current for sha in shas):  # evicted while we ran: not a failure, just too late
+                store.finished(self.run.ledger, row_id, "abandoned", reason="a member left the top-k during the "
+                               f"evaluation: {exc}")
+                raise Superseded(str(exc)) from exc
             store.finished(self.run.ledger, row_id, "failed", reason=f"{type(exc).__name__}: {exc}")
             self.scheduler.count("failed")
             log.error("evaluation.failed", reason=f"ckptd could not prepare or run the evaluation: {exc}",
@@ -244,6 +254,9 @@ class EvaluationScheduler:
             run.apply_evaluation(decision, topk, evaluator.files, best_value)
             if decision is not None and decision.rejected is not None:
                 self.count("rejected")  # the newest candidate lost (a gated average kept, a member left out)
+        except Superseded as exc:
+            run.log.info("evaluation.superseded", action="evaluate the newer top-k", reason="a member left the "
+                         f"top-k while its set was evaluated ({exc}); no decision for the older top-k")
         except BudgetSpent as exc:
             run.log.warning("evaluation.deferred", action="wait", retry_in=f"{exc.wait:.0f}s",
                             reason=f"the policy's evaluate.max_per_hour "
