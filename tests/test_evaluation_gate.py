@@ -487,3 +487,28 @@ def test_evaluation_budget_defers_the_rest_and_keeps_the_outputs(prepared: Prepa
     avg = manifest(out)["average"]
     assert avg["evaluation"]["current"] is False  # the newest top-k is still waiting for its evaluation
     assert os.path.isfile(out / "average.safetensors")
+
+
+def test_switching_a_running_setup_to_the_gate_keeps_its_published_average_until_one_wins(
+        tmp_path: Path, base_state: dict[str, torch.Tensor]) -> None:
+    """An ungated average was published; the operator adds ``gate: true``. The published average is adopted (it
+    stays, described by the manifest) and a candidate that loses does not take it away."""
+    run, out = tmp_path / "train/exp", tmp_path / "out/w/exp"
+    good = sm.good_members(base_state)
+    losses = [sm.loss_of(s) for s in good]
+    files = [save(run / f"g{i}.pt", s, step=i) for i, s in enumerate(good[:2])]
+    plain = write_config(tmp_path, average={"top_k": 5, "min_members": 2}, name="plain.yaml")
+    cfg = yaml.safe_load(plain.read_text())
+    del cfg["policies"]["default"]["evaluate"]  # a setup from before the gate: no evaluator, no gate state
+    plain.write_text(yaml.safe_dump(cfg))
+    once(plain)
+    published = digest(out / "average.safetensors")
+    assert sources(manifest(out)["average"]["members"]) == [str(f) for f in files]
+
+    bad = save(run / "bad.pt", sm.permuted(sm.nudged(base_state, 98)), step=9, val_loss=losses[0] / 2)
+    events = once(write_config(tmp_path, average={"top_k": 5, "min_members": 2, "gate": True}, name="gated.yaml"))
+    m = manifest(out)
+    assert named(events, "average.adopted"), [e["event"] for e in events]
+    assert digest(out / "average.safetensors") == published  # never dropped, never replaced by the loser
+    assert sources(m["average"]["members"]) == [str(f) for f in files]
+    assert m["average"]["evaluation"]["rejected"]["members"][0] == str(bad)

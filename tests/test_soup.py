@@ -244,8 +244,7 @@ def test_config_refuses_a_bad_evaluate_or_average_with_its_key_path(policy: dict
 
 def test_config_refuses_an_evaluate_that_is_not_a_mapping() -> None:
     found = problems({"evaluate": ["python", "eval.py"]})
-    assert found[0] == "policies.default.evaluate: expected a mapping, got list", found
-    assert all(p.startswith("policies.default.evaluate") for p in found)
+    assert found == ["policies.default.evaluate: expected a mapping with command, metric and mode, got list"], found
 
 
 # --- the test checkpoints' premise (tests/soup_models.py) ------------------------------------------------------------

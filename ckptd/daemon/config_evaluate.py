@@ -71,6 +71,9 @@ class EvaluatePolicy:
 def parse_evaluate(data: Any, path: str, problems: Problems) -> EvaluatePolicy:
     if data is None:
         return EvaluatePolicy()
+    if not isinstance(data, Mapping):
+        problems.add(path, f"expected a mapping with command, metric and mode, got {type(data).__name__}")
+        return EvaluatePolicy()
     sec = Section(data, path, problems, ("command", "timeout", "metric", "mode", "env", "max_per_hour"))
     return EvaluatePolicy(
         command=sec.required("command", _check_argv, "an argv list, e.g. [python, eval.py]") or (),

@@ -117,6 +117,11 @@ def apply(proc: RunProcessor, decision: SoupDecision | None, topk_key: str, file
             return
         if decision.publish:
             kept, value = list(decision.kept), decision.value
+            if not all(Path(m.file).is_file() for m in kept):  # the top-k moved on and pruned a member's copy
+                proc.log.info("evaluation.superseded", action="evaluate the newer top-k",
+                              reason="a member of the winning set left the top-k while it was evaluated; its "
+                                     "decision is not published")
+                return
         else:
             kept = list(old.members)
             value = (old.evaluation or {}).get("value") if kept else None
@@ -172,6 +177,23 @@ def export_decided(proc: RunProcessor) -> None:
         _export_winner(proc, state, members[0].record.sha256)
     elif state.members:
         proc.exporter.request_average(proc, list(state.members))
+
+
+def adopt_published(proc: RunProcessor, members: Sequence[MemberRow]) -> bool:
+    """A policy that just became evaluated (``gate: true`` or ``greedy`` added to a running setup) has no gate
+    state yet: the average published before stays, described by the gate as the current top-k's, until an
+    evaluation decides. Only when the published manifest's average holds exactly these members."""
+    from ckptd.daemon.outputs import published_manifest
+
+    state = load(proc)
+    if not proc.ctx.policy.average.evaluated or state.topk_key is not None or state.members or not members:
+        return False
+    manifest = published_manifest(proc.ctx.output) or {}
+    listed = [e.get("sha256") for e in (manifest.get("average") or {}).get("members") or []]
+    if not (proc.ctx.output / AVERAGE).is_file() or listed != [m.record.sha256 for m in members]:
+        return False
+    store.save_gate(proc.ledger, *_where(proc), GateState(None, tuple(members), None, None))
+    return True
 
 
 def winner_target(state: GateState, members: Sequence[MemberRow]) -> str | None:

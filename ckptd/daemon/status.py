@@ -358,8 +358,9 @@ def print_status(rows: list[dict[str, Any]], stream: TextIO | None = None) -> No
 
 
 def describe_evaluation(e: dict[str, Any]) -> str:
-    """``average-top3 ok: 0.8123 over 3 member(s) (2m ago)``, with the reason when there is one."""
-    what = " ".join(str(p) for p in (e.get("kind"), e.get("key")) if p) or "evaluation"
+    """``soup ok: 0.8123 over 3 member(s) (2m ago)``, with the reason when there is one (the cache key is for
+    machines: it stays in ``--json``)."""
+    what = str(e.get("kind") or "evaluation")
     value = f": {e['value']:g}" if isinstance(e.get("value"), (int, float)) else ""
     text = f"{what} {e.get('status') or '?'}{value} over {len(e.get('members') or [])} member(s)"
     text += f" ({_ago(e.get('finished_at') or e.get('started_at'))})"
