@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import signal
@@ -100,7 +101,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     default action, so the process ends quietly, killed by SIGPIPE (exit status 141 in a shell, -13 from
     ``subprocess``). ``run``, ``once`` and ``demo`` keep Python's default (SIGPIPE ignored); should their stdout
     close, the command ends with status 1 and no traceback. The previous handler is restored on return, for
-    callers that run ``main`` in-process."""
+    callers that run ``main`` in-process.
+
+    Closed standard streams (``ckptd status >&-``, ``ckptd run 2>&-``): a closed descriptor 0, 1 or 2 is first
+    pointed at the null device, so that no file the command opens later takes its number (a hook or an export
+    child would inherit, say, the ledger as its stderr). With standard error closed, messages and log lines are
+    dropped (not sent to standard output). With standard output closed, the command runs, its output is
+    dropped, and it exits with status 1 (or its own failure status) and one line on standard error, like a Unix
+    tool's write error: what it printed was lost."""
+    _reopen_closed_std_fds()
+    # Python sets sys.stdout / sys.stderr to None when descriptor 1 / 2 was closed when it started
+    lost = _Sink() if sys.stdout is None else None
+    dropped = _Sink() if sys.stderr is None else None
+    if lost is not None:
+        sys.stdout = lost
+    if dropped is not None:
+        sys.stderr = dropped
+    try:
+        code = _main(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        if lost is None or not lost.written:
+            raise
+        code = exc.code if isinstance(exc.code, int) else EXIT_FAILURE
+    finally:  # as found, for in-process callers
+        if lost is not None:
+            sys.stdout = None  # type: ignore[assignment]
+        if dropped is not None:
+            sys.stderr = None  # type: ignore[assignment]
+    if lost is not None and lost.written:
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                print("ckptd: error: standard output is closed: the output was lost", file=sys.stderr)
+        return code or EXIT_FAILURE
+    return code
+
+
+class _Sink(io.TextIOBase):
+    """``sys.stdout`` or ``sys.stderr`` while the command runs with that stream closed: writes are dropped, and
+    whether anything was written is noted."""
+
+    written = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.written = True
+        return len(text)
+
+
+def _reopen_closed_std_fds() -> None:
+    """Point a closed descriptor 0, 1 or 2 at the null device (the classic precaution of daemons)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     previous = _default_sigpipe()
     try:
         parser = build_parser()
@@ -147,17 +211,25 @@ def _run(args: argparse.Namespace) -> int:
         print("ckptd: error: out of memory", file=sys.stderr)
         return EXIT_FAILURE
     except ConfigError as exc:
-        print(f"ckptd: {exc}", file=sys.stderr)
+        _error(f"ckptd: {exc}")
         return EXIT_USAGE
     except UnsafeCheckpointError as exc:  # refused by policy, like a bad argument: nothing was executed
-        print(f"ckptd: error: {exc}", file=sys.stderr)
+        _error(f"ckptd: error: {exc}")
         return EXIT_USAGE
     except CkptdError as exc:
-        print(f"ckptd: error: {exc}", file=sys.stderr)
+        _error(f"ckptd: error: {exc}")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("ckptd: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(message: str) -> None:
+    """An error message on stderr, each of its lines terminal-safe: messages quote file and run names, pickle
+    global names and reasons that a hostile trainer chooses."""
+    from ckptd.daemon.status import terminal_safe
+
+    print("\n".join(terminal_safe(line) for line in message.split("\n")), file=sys.stderr)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -46,10 +46,13 @@ def add_daemon_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.set_defaults(func=cmd_demo)
 
 
-def _load(path: str) -> Any:
+def _load(path: str, *, check_paths: bool = True) -> Any:
+    """The config; ``check_paths=False`` for the read-only commands (``status``, ``history``): they read only the
+    ledger, and must answer while a watch root is missing (an unmounted share), when they are needed most.
+    Structural config errors still exit 2."""
     from ckptd.daemon.config import load_config
 
-    return load_config(path)
+    return load_config(path, check_paths=check_paths)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -73,6 +76,7 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from ckptd.daemon.discovery import list_runs
     from ckptd.daemon.paths import resolve_output, run_name
+    from ckptd.daemon.status import terminal_safe
     from ckptd.daemon.watcher import watch_summary
     from ckptd.errors import CkptdError
 
@@ -81,39 +85,49 @@ def cmd_check(args: argparse.Namespace) -> int:
         from ckptd.daemon.explain import explain_config, render_text
 
         explained = explain_config(config)
-        print(json.dumps(explained, indent=2) if args.json else render_text(explained))
+        print(json.dumps(explained, indent=2) if args.json else render_text(explained))  # render_text: made safe
         return 0 if not any("error" in r for r in explained) else 1
     from ckptd.daemon.config import run_plan
 
-    print(f"{args.config}: OK (state_dir {config.state_dir}, {len(config.watches)} watch(es), "
-          f"policies: {', '.join(config.policies)})")
+    def say(line: str) -> None:  # the lines name run directories and trainer files: made terminal-safe
+        print(terminal_safe(line))
+
+    say(f"{args.config}: OK (state_dir {config.state_dir}, {len(config.watches)} watch(es), "
+        f"policies: {', '.join(config.policies)})")
     problems = 0
     for watch in config.watches:
         info = watch_summary(watch)
-        print(f"watch {watch.name}: {watch.root} ({info['fstype'] or '?'}, {info['mode']} mode), "
-              f"runs '{watch.runs}', policy {watch.policy}, settle {watch.settle:g}s")
+        say(f"watch {watch.name}: {watch.root} ({info['fstype'] or '?'}, {info['mode']} mode), "
+            f"runs '{watch.runs}', policy {watch.policy}, settle {watch.settle:g}s")
         runs = list_runs(watch)
         if not runs:
-            print("  (no run directories yet)")
+            say("  (no run directories yet)")
         for run_dir in runs:
             try:
                 name = run_name(watch.root, run_dir)
-                print(f"  run {name}: {run_dir} -> {resolve_output(watch.output, watch.name, name)}")
+                say(f"  run {name}: {run_dir} -> {resolve_output(watch.output, watch.name, name)}")
                 plan = run_plan(watch, config.policy_for(watch), run_dir)
-                print(f"    trainer {plan.trainer}: {plan.detected_because}; streams "
-                      + ", ".join(s.name for s in plan.streams))
+                say(f"    trainer {plan.trainer}: {plan.detected_because}; streams "
+                    + ", ".join(s.name for s in plan.streams))
                 for problem in plan.problems:
-                    print(f"    PROBLEM: {problem}")
+                    say(f"    PROBLEM: {problem}")
             except CkptdError as exc:
                 problems += 1
-                print(f"  run {run_dir}: SKIPPED: {exc}")
+                say(f"  run {run_dir}: SKIPPED: {exc}")
     return 0 if not problems else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ckptd.daemon.status import by_activity, collect_status, filter_rows, print_status, print_table
+    from ckptd.daemon.status import (
+        by_activity,
+        collect_status,
+        filter_rows,
+        print_status,
+        print_table,
+        terminal_safe,
+    )
 
-    config = _load(args.config)
+    config = _load(args.config, check_paths=False)
     recorded = collect_status(config)  # an unreadable ledger raises LedgerReadError (a CkptdError): exit 1
     rows = filter_rows(recorded, run=args.run, watch=args.watch, errors=args.errors)
     if args.json:  # ordered by watch, run, stream as always; last_activity_at gives the recency
@@ -122,7 +136,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         wanted = " ".join(f"{flag} {value!r}" for flag, value in (("--run", args.run), ("--watch", args.watch))
                           if value is not None)
         what = "with errors" + (f" matching {wanted}" if wanted else "") if args.errors else f"match {wanted}"
-        print(f"no runs {what} ({len(recorded)} recorded; plain `ckptd status` lists them all)")
+        print(terminal_safe(f"no runs {what} ({len(recorded)} recorded; plain `ckptd status` lists them all)"))
     elif args.verbose:
         print_status(by_activity(rows))
     else:
@@ -134,12 +148,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     import sys
 
     from ckptd.daemon.history import AmbiguousRunError, collect_history, print_history
+    from ckptd.daemon.status import terminal_safe
 
-    config = _load(args.config)
+    config = _load(args.config, check_paths=False)
     try:
         history = collect_history(config, args.watch, args.run, args.stream)
-    except AmbiguousRunError as exc:  # a usage error: the user names the watch
-        print(f"ckptd history: {exc}", file=sys.stderr)
+    except AmbiguousRunError as exc:  # a usage error: the user names the watch (run names come from the ledger)
+        print(terminal_safe(f"ckptd history: {exc}"), file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(history, indent=2))

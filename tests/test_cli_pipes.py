@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ckptd.cli import main
+from ckptd.daemon.logs import _SafeStream
 from tests.conftest import PYTHON, subprocess_env
 from tests.daemon_helpers import DaemonProcess, write_config
 from tests.test_status import Fleet, build_fleet, ckptd_cli
@@ -116,5 +117,60 @@ def test_daemon_whose_log_reader_went_away_still_does_its_work(tmp_path: Path) -
         first = reader.readline()  # one log line, then the reader is gone
     assert first.startswith(b"{"), first
     assert proc.wait(timeout=120) == 0
+    manifest = (tmp_path / "out" / "w" / "exp" / "manifest.json").read_text()
+    assert '"metric": 2.0' in manifest and "average.safetensors" in manifest
+
+
+def _with_closed(fd: int, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`ckptd ARGS >&-` (fd 1) or `ckptd ARGS 2>&-` (fd 2): the command starts with that descriptor closed (Python
+    then sets sys.stdout or sys.stderr to None); the other one is captured."""
+    return subprocess.run([PYTHON, "-m", "ckptd.cli", *args], capture_output=True, preexec_fn=lambda: os.close(fd),
+                          text=True, env=subprocess_env(), cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("args", [["status"], ["status", "-v"], ["status", "--json"], ["history", "w/exp"],
+                                  ["--help"]], ids=["status", "status-v", "status-json", "history", "help"])
+def test_one_shot_command_with_stdout_closed(fleet: Fleet, args: list[str]) -> None:
+    """`ckptd status >&-`: no traceback; the lost output is an error (exit 1, one line), like a Unix tool's write
+    error."""
+    if args[0] != "--help":
+        args = [*args, "-c", str(fleet.config)]
+    res = _with_closed(1, args)
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert res.stderr == "ckptd: error: standard output is closed: the output was lost\n", res.stderr
+
+
+def test_one_shot_command_with_stderr_closed_keeps_its_errors_off_stdout(tmp_path: Path) -> None:
+    """`ckptd status --json 2>&-` over a damaged ledger: exit 1, and the error message is dropped, not printed
+    on stdout (where a JSON reader would get it); a good run prints its output as usual."""
+    config = write_config(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "ledger.sqlite3").write_bytes(b"garbage, not SQLite " * 500)
+    res = _with_closed(2, ["status", "--json", "-c", str(config)])
+    assert res.returncode == 1 and res.stdout == "", (res.returncode, res.stdout)
+    (tmp_path / "state" / "ledger.sqlite3").unlink()
+    res = _with_closed(2, ["status", "-c", str(config)])
+    assert res.returncode == 0 and "no runs recorded yet" in res.stdout, res
+
+
+def test_log_stream_that_is_none_is_broken_from_the_start() -> None:
+    stream = _SafeStream(None)
+    assert stream.broken and not stream.isatty()
+    assert stream.write("a log line\n") == len("a log line\n")
+    stream.flush()
+
+
+def test_daemon_started_with_stderr_closed_still_does_its_work(tmp_path: Path) -> None:
+    """`ckptd once 2>&-` (the same start as `ckptd run 2>&-`): sys.stderr is None; the daemon logs nowhere and
+    publishes as usual, instead of exiting 1 at its first log line."""
+    import torch
+
+    config = write_config(tmp_path, watch={"settle": 0})
+    run = tmp_path / "train" / "exp"
+    run.mkdir(parents=True)
+    for i in range(3):
+        torch.save({"model": {"w": torch.full((4,), float(i))}, "metric": float(i)}, run / f"ckpt_{i}.pt")
+    res = _with_closed(2, ["once", "-c", str(config)], cwd=tmp_path)
+    assert res.returncode == 0, res.stdout
     manifest = (tmp_path / "out" / "w" / "exp" / "manifest.json").read_text()
     assert '"metric": 2.0' in manifest and "average.safetensors" in manifest

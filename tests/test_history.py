@@ -12,7 +12,18 @@ import pytest
 from ckptd.daemon.config import load_config
 from ckptd.daemon.history import AmbiguousRunError, UnknownRunError, collect_history
 from ckptd.daemon.status import LedgerReadError
-from tests.test_status import EXP_CHECKPOINTS, Fleet, build_fleet, ckptd_cli, copy_fleet
+from tests.test_status import (
+    EXP_CHECKPOINTS,
+    HOSTILE_FILE,
+    HOSTILE_REASON,
+    HOSTILE_RUN,
+    Fleet,
+    build_fleet,
+    ckptd_cli,
+    copy_fleet,
+    hostile_ledger,
+    raw_controls,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +84,24 @@ def test_text_timeline_marks_best_top_k_and_evicted(fleet: Fleet) -> None:
     notes = [r[6] for r in rows]
     assert notes == ["evicted"] * (EXP_CHECKPOINTS - 3) + ["top-k", "top-k", "best"], notes
     assert rows[-1][7] == "ep19.pt" and rows[0][2:5] == ["checkpoint", "100", "0.1"]
+
+
+def test_text_timeline_escapes_what_a_hostile_trainer_controls(tmp_path: Path, fleet: Fleet) -> None:
+    """File names and reasons (a refusal echoes pickle global names) reach the terminal as visible escapes, one
+    line per event; --json keeps them as they are."""
+    config = hostile_ledger(fleet, tmp_path)
+    res = ckptd_cli("history", f"w/{HOSTILE_RUN}", "-c", str(config))
+    assert res.returncode == 0 and not res.stderr, res
+    assert raw_controls(res.stdout) == [], res.stdout
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("w/bro\\x1b[2Jken\\u202e  stream model  (max): 2 checkpoint(s)"), lines[0]
+    assert len(lines) == 4, lines  # title, header, two checkpoints: the newline in the reason is escaped
+    rejected = lines[3]
+    assert "ev\\x1b]52;c;aGk=\\x07il\\u202egnp.pt" in rejected, rejected
+    assert "os.system\\x1b]52;c;aGk=\\x07\\u2066\\x9b31m,\\nposix.system\\x08\\x08" in rejected
+    data = json.loads(ckptd_cli("history", f"w/{HOSTILE_RUN}", "-c", str(config), "--json").stdout)
+    assert data["run"] == HOSTILE_RUN and data["checkpoints"][1]["name"] == HOSTILE_FILE
+    assert data["checkpoints"][1]["reason"] == HOSTILE_REASON
 
 
 def test_run_names_unknown_ambiguous_and_unknown_streams(fleet: Fleet) -> None:
@@ -137,7 +166,7 @@ def test_evaluations_when_the_ledger_has_the_table(tmp_path: Path, fleet: Fleet)
     assert rows["w/exp"]["evaluation"]["key"] == "top3-b" and len(rows["w/exp"]["evaluation"]["members"]) == 3
     assert rows["w/broken"]["evaluation"]["members"] == [] and rows["v/exp"]["evaluation"] is None
     verbose = ckptd_cli("status", "-c", str(cfg_path), "-v", "--run", "w/exp").stdout
-    assert "  eval      average top3-b ok: 0.8125 over 3 member(s) (" in verbose, verbose
+    assert "  eval      average ok: 0.8125 over 3 member(s) (" in verbose, verbose  # the kind; the key is in JSON
     text = ckptd_cli("history", "w/exp", "-c", str(cfg_path)).stdout.splitlines()
     assert text[0].endswith("2 evaluation(s)")
     # merged by time: the evaluations (1970 stamps here) come first

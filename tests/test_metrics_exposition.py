@@ -208,3 +208,20 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     done = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dashboard_shows_a_dead_listener_as_down() -> None:
+    """A listener that stopped answering is "down" on the dashboard (Prometheus's own ``up``), not "No data"."""
+    dash = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dash["panels"] if p.get("title") == "ckptd scrape up"]
+    assert len(panels) == 1 and panels[0]["type"] == "stat", [p.get("title") for p in dash["panels"]]
+    assert [t["expr"] for t in panels[0]["targets"]] == ['up{job=~"$job", instance=~"$instance"}']
+    texts = {v["text"] for m in panels[0]["fieldConfig"]["defaults"]["mappings"] for v in m["options"].values()}
+    assert texts == {"UP", "DOWN"}
+    assert panels[0]["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    # no two panels overlap on the 24-column grid
+    cells = [(x, y) for p in dash["panels"] for g in [p["gridPos"]]
+             for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])]
+    assert len(cells) == len(set(cells)) and all(x < 24 for x, _ in cells)

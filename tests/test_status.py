@@ -7,10 +7,15 @@ a real wheel built from the source tree.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
+import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,7 @@ import torch
 import yaml
 
 import ckptd
-from ckptd.daemon.status import TABLE_WIDEST
+from ckptd.daemon.status import TABLE_WIDEST, terminal_safe
 from ckptd.examples import TinyConvNet
 from tests.conftest import PYTHON, REPO, subprocess_env
 from tests.daemon_helpers import write_config
@@ -268,6 +273,194 @@ def test_locked_ledger_is_a_clear_error(tmp_path: Path, fleet: Fleet) -> None:
     finally:
         holder.close()
     assert _status(config).returncode == 0  # and fine again once the lock is gone
+
+
+def test_ledger_that_is_a_dangling_symlink_is_a_clear_error(tmp_path: Path) -> None:
+    """A symlink to a moved or unmounted ledger is not "no runs recorded yet"."""
+    config = write_config(tmp_path)
+    ledger = tmp_path / "state" / "ledger.sqlite3"
+    ledger.parent.mkdir()
+    ledger.symlink_to(tmp_path / "elsewhere" / "ledger.sqlite3")
+    for res in (_status(config), _status(config, "--json"), ckptd_cli("history", "w/exp", "-c", str(config))):
+        _assert_one_clear_error(res, ledger, "is a symlink to a missing file", str(tmp_path / "elsewhere"))
+        assert not res.stdout, res.stdout
+
+
+def _unprivileged_main(args: list[str]) -> tuple[int, str, str]:
+    """``main(args)`` as a user who is not the state dir's owner: as root, in a forked child that drops to uid and
+    gid 65534 (nobody; the interpreter need not be reachable by that user: everything is already imported);
+    otherwise in a subprocess as ourselves. Returns (exit status, stdout, stderr); an escaped exception is a
+    failure whose traceback is in stderr."""
+    if os.geteuid() != 0:
+        res = ckptd_cli(*args)
+        return res.returncode, res.stdout, res.stderr
+    import io
+
+    # imported before the fork: the child may not be able to read the sources
+    import ckptd.cli
+    import ckptd.cli_daemon
+    import ckptd.daemon.config
+    import ckptd.daemon.history
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        report: dict = {"rc": 99, "out": "", "err": ""}
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            sys.stdout, sys.stderr = out, err
+            report["rc"] = ckptd.cli.main(args)
+        except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+            err.write("escaped main():\n" + traceback.format_exc())
+        finally:
+            report.update(out=out.getvalue(), err=err.getvalue())
+            os.write(write, json.dumps(report).encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as reader:
+        data = reader.read()
+    os.waitpid(pid, 0)
+    report = json.loads(data)
+    return report["rc"], report["out"], report["err"]
+
+
+def test_state_dir_that_cannot_be_entered_is_a_clear_error(fleet: Fleet) -> None:
+    """`chmod 750 state`, then `ckptd status` as another user: Path.exists() raises PermissionError (not "no
+    such file"); that is an error naming the ledger and what to check (exit 1), not a traceback."""
+    base = Path(tempfile.mkdtemp(prefix="ckptd-perm-"))  # not under pytest's 0700 tmp: the other user reads it
+    try:
+        base.chmod(0o755)
+        config = copy_fleet(fleet, base)
+        cfg = yaml.safe_load(config.read_text())
+        for i, watch in enumerate(cfg["watches"]):  # roots the other user can see: only the state dir is shut
+            watch["root"] = str(base / f"train{i}")
+            (base / f"train{i}").mkdir(mode=0o755)
+        config.write_text(yaml.safe_dump(cfg))
+        config.chmod(0o644)
+        state = base / "state"
+        state.chmod(0o750 if os.geteuid() == 0 else 0o000)
+        ledger = state / "ledger.sqlite3"
+        for args in (["status", "-c", str(config)], ["status", "-c", str(config), "--json"],
+                     ["history", "w/exp", "-c", str(config)]):
+            rc, out, err = _unprivileged_main(args)
+            assert rc == 1 and not out, (args, rc, out, err)
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            assert str(ledger) in err and "Permission denied" in err, err
+            assert "check its permissions and those of its directory" in err, err
+    finally:
+        (base / "state").chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_status_and_history_answer_while_a_watch_root_is_missing(tmp_path: Path, fleet: Fleet) -> None:
+    """An unmounted share: the read-only commands read the ledger, not the watch roots; `check` (like `run`)
+    still refuses, and a structural config error still stops status (exit 2)."""
+    config = copy_fleet(fleet, tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    for i, watch in enumerate(cfg["watches"]):
+        watch["root"] = str(tmp_path / "nfs" / f"unmounted{i}")
+    config.write_text(yaml.safe_dump(cfg))
+    assert len(_rows(config)) == 5
+    assert len(_table(config)) == 6 and _table(config, "-v")[0] == "v/exp  (max)"
+    history = ckptd_cli("history", "w/exp", "-c", str(config))
+    assert history.returncode == 0 and len(history.stdout.splitlines()) == EXP_CHECKPOINTS + 2, history
+    check = ckptd_cli("check", "-c", str(config))
+    assert check.returncode == 2 and f"directory {tmp_path / 'nfs' / 'unmounted0'} does not exist" in check.stderr
+    cfg["watches"][0]["root"] = "relative/root"
+    cfg["watches"][1]["bogus_key"] = 1
+    config.write_text(yaml.safe_dump(cfg))
+    for res in (_status(config), ckptd_cli("history", "w/exp", "-c", str(config))):
+        assert res.returncode == 2 and not res.stdout, res
+        assert "watches[0].root: must be an absolute path" in res.stderr and "bogus_key" in res.stderr, res.stderr
+        assert "does not exist" not in res.stderr, res.stderr
+
+
+BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
+
+def raw_controls(text: str) -> list[str]:
+    """What a terminal would act on, left in ``text``: control characters other than the line ends, and the
+    bidi controls."""
+    return [c for c in text if (unicodedata.category(c) == "Cc" and c != "\n") or c in BIDI]
+
+
+def test_terminal_safe_escapes_controls_and_bidi_and_keeps_everything_else() -> None:
+    assert terminal_safe("\x1b[2J") == "\\x1b[2J"
+    assert terminal_safe("\x1b]52;c;aGk=\x07") == "\\x1b]52;c;aGk=\\x07"
+    assert terminal_safe("a\nb\tc\rd\x00\x7f\x85\x9b") == "a\\nb\\tc\\rd\\x00\\x7f\\x85\\x9b"
+    assert terminal_safe("\u202egnp.exe") == "\\u202egnp.exe"
+    assert terminal_safe(BIDI) == "".join(f"\\u{ord(c):04x}" for c in BIDI)
+    every_control = "".join(map(chr, (*range(0x20), *range(0x7F, 0xA0))))
+    assert raw_controls(terminal_safe(every_control + BIDI + "\u2028\u2029")) == []
+    kept = "ep01 café 学習 ∑ — … \\x1b 😀 ~!@#$%^&*()[]{}"
+    assert terminal_safe(kept) == kept
+    assert terminal_safe("\udcff") == "\\udcff"  # an undecodable file-name byte: printable on any terminal
+    assert terminal_safe(None) == "None" and terminal_safe(1.5) == "1.5"
+
+
+HOSTILE_RUN = "bro\x1b[2Jken\u202e"  # clear screen; right-to-left override
+CLIPBOARD = "\x1b]52;c;aGk=\x07"  # OSC 52: sets the operator's clipboard
+HOSTILE_FILE = f"ev{CLIPBOARD}il\u202egnp.pt"
+HOSTILE_REASON = f"refused to unpickle: it needs globals os.system{CLIPBOARD}\u2066\x9b31m,\nposix.system\x08\x08"
+
+
+def hostile_ledger(fleet: Fleet, dest: Path) -> Path:
+    """A copy of the fleet whose run ``w/broken`` carries what a hostile trainer controls: its run directory's
+    name, its file names and the reasons that echo them (pickle global names in a refusal). Returns the config."""
+    config = copy_fleet(fleet, dest)
+    with sqlite3.connect(dest / "state" / "ledger.sqlite3") as db:
+        for table in ("runs", "checkpoints", "members", "exports"):
+            db.execute(f"UPDATE {table} SET run=? WHERE watch='w' AND run='broken'", (HOSTILE_RUN,))
+        db.execute("UPDATE checkpoints SET path=?, reason=? WHERE run=? AND status='invalid'",
+                   (str(fleet.root / "train" / HOSTILE_RUN / HOSTILE_FILE), HOSTILE_REASON, HOSTILE_RUN))
+        db.execute("UPDATE runs SET last_error=?, last_error_at=?, output=? WHERE run=?",
+                   (f"{HOSTILE_FILE}: {HOSTILE_REASON}", time.time(), f"/srv/out/{HOSTILE_RUN}", HOSTILE_RUN))
+    return config
+
+
+def test_status_views_escape_what_a_hostile_trainer_controls(tmp_path: Path, fleet: Fleet) -> None:
+    """Run and file names and reasons reach the operator's terminal as visible escapes, in the table, the -v
+    block, the filtered views and the error messages; --json keeps the data as it is (json.dumps escapes it)."""
+    config = hostile_ledger(fleet, tmp_path)
+    table = _status(config)
+    verbose = _status(config, "-v")
+    errors = _status(config, "--errors", "-v")
+    for res in (table, verbose, errors):
+        assert res.returncode == 0 and not res.stderr, res
+        assert raw_controls(res.stdout) == [], res.stdout
+    assert len(table.stdout.splitlines()) == 6  # one line per run: a newline in a field does not add one
+    assert "w/bro\\x1b[2Jken\\u202e" in table.stdout
+    block = verbose.stdout.split("w/bro\\x1b[2Jken\\u202e  (max)\n", 1)[1].split("\n\n")[0]
+    assert f"latest {terminal_safe(HOSTILE_FILE)}: {terminal_safe(HOSTILE_REASON)}" in block, block
+    assert "\\x1b]52;c;aGk=\\x07" in block and "\\x9b31m,\\nposix.system\\x08\\x08" in block
+    assert "  output    /srv/out/bro\\x1b[2Jken\\u202e" in block, block
+    rows = _by_name(_rows(config))
+    assert rows[f"w/{HOSTILE_RUN}"]["last_invalid"]["reason"] == HOSTILE_REASON  # JSON: the data, unchanged
+    assert rows[f"w/{HOSTILE_RUN}"]["last_invalid"]["source"].endswith(HOSTILE_FILE)
+    # a run name from the ledger, quoted in an error message (a close match to a mistyped name)
+    typo = ckptd_cli("history", "w/bro\x1b[2Jkem\u202e", "-c", str(config))
+    assert typo.returncode == 1 and "did you mean w/bro\\x1b[2Jken\\u202e" in typo.stderr, typo.stderr
+    assert raw_controls(typo.stderr) == [], typo.stderr
+
+
+def test_check_and_explain_escape_hostile_run_and_file_names(tmp_path: Path) -> None:
+    """A file name a trainer chose (in a run `check --explain` explains) and a run directory name (`check` lists
+    it as skipped: such a name cannot be used in an output path) reach the terminal as visible escapes."""
+    config = write_config(tmp_path)
+    (tmp_path / "train" / "ru\x1b]52;c;eA==\x07n\u202e").mkdir(parents=True)
+    (tmp_path / "train" / "exp").mkdir()
+    (tmp_path / "train" / "exp" / "\u202eevil\x1b[2J.pt").write_bytes(b"not a checkpoint" * 64)
+    check = ckptd_cli("check", "-c", str(config))
+    explain = ckptd_cli("check", "-c", str(config), "--explain")
+    for res in (check, explain):
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res  # the skipped run: exit 1
+        assert raw_controls(res.stdout) == [], res.stdout
+        assert "ru\\x1b]52;c;eA==\\x07n\\u202e" in res.stdout and "SKIPPED" in res.stdout, res.stdout
+    assert "    \\u202eevil\\x1b[2J.pt: NOT USABLE: " in explain.stdout, explain.stdout
 
 
 def test_status_read_model_does_not_import_torch() -> None:

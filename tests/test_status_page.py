@@ -8,15 +8,18 @@ README screenshot of its run page.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -212,6 +215,60 @@ def test_bad_run_queries_are_refused(query: str) -> None:
         parse_run_query(query)
 
 
+def test_a_large_run_is_downsampled_keeping_the_best_members_evicted_and_extremes() -> None:
+    n = 20_000
+    rng = __import__("random").Random(7)
+    checkpoints = [_ckpt(i, 0.3 + 0.4 * i / n + rng.uniform(-0.05, 0.05), i * 10, status="skipped")
+                   for i in range(n)]
+    for i in range(0, n, 97):  # 207 evicted
+        checkpoints[i].update(evicted=True, status="done")
+    for i in (n - 40, n - 20, n - 5):
+        checkpoints[i].update(member=True, status="done")
+    checkpoints[n - 20].update(best=True, metric=2.0)
+    checkpoints[1234]["metric"] = -5.0  # the lowest metric, far from the top-k: its bucket keeps it
+    checkpoints[9876]["metric"] = 1.5  # the highest metric that is no member
+    t0 = time.process_time()
+    page = render_run(_history(checkpoints), None, NOW)
+    cpu = time.process_time() - t0
+    points = _points(page)
+    assert len(points) <= status_page.MAX_CHART_POINTS, len(points)
+    assert len(points) >= status_page.MAX_CHART_POINTS - 10, "the budget is used"
+    names = {t.split("\n", 1)[0] for t in Dom(page).text if "\nstep " in t}
+    must = {c["name"] for c in checkpoints if c["member"] or c["evicted"] or c["best"]}
+    assert must <= names, sorted(must - names)[:5]
+    assert {"c1234.pt", "c9876.pt"} <= names, "the lowest and the highest metric are drawn"
+    assert sum("pt-best" in (p["class"] or "") for p in points) == 1
+    assert f"showing {len(points):,} of {n:,} checkpoints" in page
+    assert "showing the newest 200 of 20,000 checkpoints" in page
+    assert len(Dom(page).all("tr")) <= 200 + 10
+    assert len(page) < 1_000_000, len(page)
+    assert cpu < 2.0, cpu  # about 0.05 s; a page per tab every 15 s must stay cheap
+    # a run whose every checkpoint was evicted in turn (a steadily improving metric): still capped
+    rising = [_ckpt(i, i / n, i, evicted=True) for i in range(n)]
+    rising[-1].update(evicted=False, member=True, best=True)
+    svg = chart_svg(rising)
+    pts = _points(svg)
+    assert len(pts) <= status_page.MAX_CHART_POINTS and sum("pt-best" in (p["class"] or "") for p in pts) == 1
+    assert f"of {n:,} checkpoints" in svg
+    # small runs: one point per checkpoint, no note
+    assert "showing" not in chart_svg(checkpoints[:50]) and len(_points(chart_svg(checkpoints[:50]))) == 50
+
+
+def test_metrics_status_page_setting_is_parsed(tmp_path: Path) -> None:
+    from ckptd.daemon.config import MetricsConfig, parse_config
+    from ckptd.errors import ConfigError
+
+    (tmp_path / "train").mkdir()
+    base = {"state_dir": str(tmp_path / "state"),
+            "watches": [{"name": "w", "root": str(tmp_path / "train"), "output": str(tmp_path / "out/{run}")}]}
+    assert MetricsConfig().status_page is None
+    for value, expected in (("auto", None), (None, None), (True, True), (False, False)):
+        assert parse_config({**base, "metrics": {"status_page": value}}).metrics.status_page is expected
+    with pytest.raises(ConfigError) as err:
+        parse_config({**base, "metrics": {"status_page": "maybe"}})
+    assert any(p.startswith("metrics.status_page: expected true, false or auto") for p in err.value.problems)
+
+
 # --- the real listener ----------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -270,6 +327,284 @@ def test_unreadable_ledger_is_a_500_page_and_the_listener_lives_on(tmp_path: Pat
         metrics.close()
     with pytest.raises(OSError):
         urllib.request.urlopen(base + "/metrics", timeout=2)
+
+
+@contextlib.contextmanager
+def _listener(listen: str = "127.0.0.1:0", config: Any = None) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    from ckptd.daemon.http_listener import serve
+
+    server = serve(listen, CollectorRegistry(), (lambda: config) if config is not None else None)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _raw(port: int, request: bytes, timeout: float = 5) -> tuple[int, bytes]:
+    """Send ``request`` as is; (the status code, the whole answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+@contextlib.contextmanager
+def _captured_logs() -> Any:
+    """Every structlog event (debug included) while the block runs; the previous configuration is restored."""
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    capture = structlog.testing.LogCapture()
+    structlog.configure(processors=[capture], wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+                        cache_logger_on_first_use=False)
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**saved)
+
+
+def test_host_must_name_this_machine_and_absolute_targets_are_served(tmp_path: Path) -> None:
+    from ckptd.daemon.config import load_config
+    from tests.daemon_helpers import write_config
+
+    config = load_config(write_config(tmp_path))
+    with _listener(config=config) as server:
+        port = server.server_address[1]
+
+        def get(path: str, *headers: str, version: str = "HTTP/1.1") -> int:
+            head = "".join(h + "\r\n" for h in headers)
+            return _raw(port, f"GET {path} {version}\r\n{head}\r\n".encode())[0]
+
+        for host in ("localhost", f"localhost:{port}", "LOCALHOST.", f"127.0.0.1:{port}", f"[::1]:{port}",
+                     "[::1]", "127.0.0.1:"):
+            assert get("/metrics", f"Host: {host}") == 200, host
+            assert get("/", f"Host: {host}") == 200, host
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io", "localhost.evil.example",
+                     "10.1.2.3", f"[::1]:{port}x", "localhost:9478@evil.example", ""):
+            assert get("/metrics", f"Host: {host}") == 421, host  # a rebound name reads nothing
+            assert get("/", f"Host: {host}") == 421, host
+        code, body = _raw(port, b"GET / HTTP/1.1\r\nHost: <b>evil</b>.example\r\n\r\n")
+        assert code == 421 and b"<b>evil" not in body and b"Misdirected" in body
+        assert get("/metrics", version="HTTP/1.0") == 200, "HTTP/1.0 needs no Host"
+        assert get("/metrics") == 400, "HTTP/1.1 does"
+        assert get("/metrics", "Host: localhost", "Host: evil.example") == 400
+        # absolute-form targets: the path part is served, the authority is the host that is checked
+        assert get(f"http://localhost:{port}/metrics", "Host: localhost") == 200
+        assert get(f"HTTP://127.0.0.1:{port}/", "Host: evil.example") == 200
+        assert get(f"http://localhost:{port}/run?watch=w&run=nope") == 404
+        assert get("http://evil.example/metrics", "Host: localhost") == 421
+        assert get("http://user@localhost/metrics", "Host: localhost") == 421
+
+
+def test_status_page_is_served_on_loopback_only_unless_configured(tmp_path: Path) -> None:
+    from ckptd.daemon.config import load_config
+    from tests.daemon_helpers import write_config
+
+    auto = load_config(write_config(tmp_path))
+    on = load_config(write_config(tmp_path, extra={"metrics": {"status_page": True}}, name="on.yaml"))
+    off = load_config(write_config(tmp_path, extra={"metrics": {"status_page": False}}, name="off.yaml"))
+    ok = b"Host: localhost\r\n\r\n"
+    with _listener("0.0.0.0:0", auto) as server:  # a remote Prometheus: /metrics only
+        port = server.server_address[1]
+        assert not server.loopback
+        assert _raw(port, b"GET /metrics HTTP/1.1\r\n" + ok)[0] == 200
+        code, body = _raw(port, b"GET / HTTP/1.1\r\n" + ok)
+        assert code == 404 and b"status page is off" in body
+        assert _raw(port, b"GET /run?watch=w&run=x HTTP/1.1\r\n" + ok)[0] == 404
+        # scraped by IP address or by the machine's name; never by another name
+        for host in (f"192.0.2.7:{port}", "[2001:db8::1]:9478", socket.gethostname(), socket.getfqdn() + ".",
+                     "0.0.0.0"):
+            assert _raw(port, f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())[0] == 200, host
+        for host in ("evil.example", "[2001:db8::1", "2001:db8::1"):
+            assert _raw(port, f"GET /metrics HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())[0] == 421, host
+    with _listener("0.0.0.0:0", on) as server:
+        assert _raw(server.server_address[1], b"GET / HTTP/1.1\r\n" + ok)[0] == 200
+    with _listener("127.0.0.1:0", off) as server:
+        assert _raw(server.server_address[1], b"GET / HTTP/1.1\r\n" + ok)[0] == 404
+        assert _raw(server.server_address[1], b"GET /metrics HTTP/1.1\r\n" + ok)[0] == 200
+
+
+def test_slow_clients_are_capped_and_held_to_one_deadline_per_request() -> None:
+    """Slowloris: every client trickles a header line every 0.2 s (each read is quick, the request never ends).
+    At most 16 are handled at once, each for one deadline at most, not forever; over the cap a new client takes
+    the place of the oldest stalled one (so a real scrape gets through), or gets a 503 at once when none stalled."""
+    from ckptd.daemon.http_listener import MAX_CONNECTIONS
+
+    with _listener() as server:
+        server.request_deadline, server.stall_after = 1.5, 0.3
+        port = server.server_address[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(MAX_CONNECTIONS + 8)]
+        start = time.monotonic()
+        for c in clients:
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n")
+        ended: dict[int, tuple[float, bytes]] = {}
+        peak, scrape = 0, None
+        try:
+            while len(ended) < len(clients) and time.monotonic() - start < 4:
+                peak = max(peak, sum(t.name == "ckptd-http-request" or t.name.startswith("Thread-")
+                                     for t in threading.enumerate()))
+                if scrape is None and time.monotonic() - start > 0.6:  # Prometheus, amid the slow clients
+                    scrape = (_raw(port, b"GET /metrics HTTP/1.0\r\n\r\n", timeout=3)[0], time.monotonic() - start)
+                live = [i for i in range(len(clients)) if i not in ended]
+                readable, _, _ = select.select([clients[i] for i in live], [], [], 0.2)
+                for i in live:
+                    if clients[i] in readable:
+                        try:
+                            data = clients[i].recv(4096)
+                        except OSError:
+                            data = b""
+                        ended[i] = (time.monotonic() - start, data)
+                    else:
+                        with contextlib.suppress(OSError):
+                            clients[i].sendall(b"X-Slow: 1\r\n")
+        finally:
+            for c in clients:
+                c.close()
+        assert len(ended) == len(clients), f"{len(clients) - len(ended)} slow clients still held after 4 s"
+        assert peak <= MAX_CONNECTIONS, f"{peak} request threads for {len(clients)} clients"
+        busy = [t for t, data in ended.values() if data.startswith(b"HTTP/1.0 503")]
+        assert len(busy) == len(clients) - MAX_CONNECTIONS and max(busy) < 0.5, busy
+        assert scrape is not None and scrape[0] == 200, scrape
+        dropped = [t for t, data in ended.values() if not data and t < 1.2]
+        assert len(dropped) == 1, ("the scrape took the oldest stalled client's place", sorted(ended.values()))
+        assert max(t for t, _ in ended.values()) < 1.5 + 1.0, "a request's deadline covers its whole header"
+        assert _raw(port, b"GET /metrics HTTP/1.0\r\n\r\n")[0] == 200  # the slots came back
+
+
+def test_client_resets_are_one_debug_line_never_a_traceback(capfd: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import struct
+
+    from ckptd.daemon import http_listener
+
+    with _captured_logs() as logs, _listener() as server:
+        port = server.server_address[1]
+        for payload in (b"GET / HTTP/1.1\r\n", b"GET /metr", b"GET / HTTP/1.1\r\nHost: localhost\r\n") * 2:
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(payload)
+            time.sleep(0.05)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            s.close()
+        time.sleep(0.3)
+        assert _raw(port, b"GET /metrics HTTP/1.0\r\n\r\n")[0] == 200
+        # a listener error with stderr gone and the logger broken: still no exception out of handle_error
+        monkeypatch.setattr(sys, "stderr", None)
+        monkeypatch.setattr(http_listener, "get_logger", lambda: 1 / 0)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 1))
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err[:2000]
+    lines = [e for e in logs if e["event"] == "http.client_error"]
+    assert len(lines) == 1 and lines[0]["log_level"] == "debug", logs
+    assert "ConnectionResetError" in lines[0]["reason"]
+
+
+def test_the_listener_restarts_serving_after_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    with _captured_logs() as logs, _listener() as server:
+        port = server.server_address[1]
+        calls = []
+
+        def verify_once(request: Any, client_address: Any) -> bool:
+            calls.append(client_address)
+            if len(calls) == 1:
+                request.close()
+                raise RuntimeError("injected: the serving loop fails")
+            return True
+
+        monkeypatch.setattr(server, "verify_request", verify_once)
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as first, contextlib.suppress(OSError):
+            first.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")  # dropped: the serving loop fails on it
+            first.recv(100)
+        assert _raw(port, b"GET /metrics HTTP/1.0\r\n\r\n", timeout=5)[0] == 200
+        assert server.thread.is_alive()
+    assert [e for e in logs if e["event"] == "http.listener_restarted" and "injected" in e["reason"]], logs
+    assert not server.thread.is_alive(), "close() still ends it"
+
+
+ACCEPT_CHILD = """
+import os, resource, sys, time
+from prometheus_client import CollectorRegistry
+from ckptd.daemon.logs import configure_logging
+from ckptd.daemon.http_listener import serve
+configure_logging("json", "debug", sys.stdout)
+server = serve("127.0.0.1:0", CollectorRegistry())
+print(server.server_address[1], flush=True)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+sys.stdin.readline()
+fds = []
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(f) for f in os.listdir("/proc/self/fd")) + 1, hard))
+while True:  # fill every hole below the limit: the next accept() fails with EMFILE
+    try:
+        fds.append(os.dup(0))
+    except OSError:
+        break
+print("full", flush=True)
+sys.stdin.readline()  # the parent has connected: measure the CPU the listener burns meanwhile
+before = time.process_time()
+time.sleep(1.0)
+print("cpu", time.process_time() - before, flush=True)
+for fd in fds:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print("freed", flush=True)
+sys.stdin.readline()
+server.close()
+"""
+
+
+def test_accept_failing_for_lack_of_fds_backs_off_instead_of_spinning(tmp_path: Path) -> None:
+    from tests.conftest import PYTHON, REPO, subprocess_env
+
+    child = subprocess.Popen([PYTHON, "-c", ACCEPT_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=subprocess_env(), cwd=REPO)
+    assert child.stdin is not None and child.stdout is not None
+    lines: list[str] = []
+
+    def until(prefix: str) -> str:
+        while line := child.stdout.readline():  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError("".join(lines))
+
+    clients = []
+    try:
+        port = int(until("").strip())
+        child.stdin.write("limit\n")
+        child.stdin.flush()
+        until("full")
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]  # queued
+        for c in clients:
+            c.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        child.stdin.write("measure\n")
+        child.stdin.flush()
+        cpu = float(until("cpu").split()[1])
+        until("freed")
+        for c in clients:  # queued connections are served once fds are free again
+            c.settimeout(5)
+            assert c.recv(64).startswith(b"HTTP/1.0 200"), "served after the fds came back"
+        child.stdin.write("quit\n")
+        child.stdin.flush()
+        child.wait(timeout=10)
+        lines += child.stdout.readlines()
+    finally:
+        for c in clients:
+            c.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert cpu < 0.4, f"the listener spun on EMFILE: {cpu:.2f} s CPU in 1 s"
+    failed = [json.loads(line) for line in lines if "http.accept_failed" in line]
+    assert len(failed) == 1 and "Too many open files" in failed[0]["reason"], lines
+    assert not [line for line in lines if "Traceback" in line], lines
 
 
 def _save(run: Path, name: str, metric: float, step: int) -> None:

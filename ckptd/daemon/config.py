@@ -108,8 +108,16 @@ class RetentionPolicy:
 
 @dataclass(frozen=True)
 class MetricsConfig:
+    """``metrics:``. ``listen`` (``host:port``, off when empty) serves ``/metrics`` and, by default only on a
+    loopback address, the read-only status page (``/``, ``/run``). ``status_page``: ``auto`` (None, the default:
+    served when ``listen`` is a loopback address such as 127.0.0.1 or [::1], else only /metrics), ``true`` (served on
+    any address: anyone who can reach the port sees run names, metrics and reasons), ``false`` (never served). The
+    listener answers only requests whose Host is localhost, 127.0.0.1, [::1], the configured host or (on a
+    non-loopback address) an IP address or the machine's hostname/FQDN: anything else is 421 (DNS rebinding)."""
+
     listen: str = ""
     textfile: str = ""
+    status_page: bool | None = None  # None: auto
 
 
 @dataclass(frozen=True)
@@ -240,7 +248,8 @@ def _policy(name: str, data: Any, problems: Problems) -> Policy:
                   streams_off=streams_off, explicit=explicit)
 
 
-def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any]) -> Watch | None:
+def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any],
+           check_paths: bool = True) -> Watch | None:
     path = f"watches[{i}]"
     sec = Section(data, path, problems, ("name", "root", "runs", "include", "exclude", "mode", "poll_interval",
                                           "settle", "output", "policy", "max_depth", "allow_output_in_root",
@@ -270,7 +279,7 @@ def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any]) -
     if root:
         if not Path(root).is_absolute():
             problems.add(f"{path}.root", f"must be an absolute path, not {root!r}")
-        elif not Path(root).is_dir():
+        elif check_paths and not Path(root).is_dir():
             problems.add(f"{path}.root", f"directory {root} does not exist")
     if output:
         placeholders = set(re.findall(r"{([^}]*)}", output))
@@ -325,15 +334,22 @@ def run_plan(watch: Watch, policy: Policy, run_dir: Path) -> RunPlan:
     return plan_run(run_dir, plan_settings(watch, policy))
 
 
-def parse_config(data: Any, source: str = "<config>") -> Config:
-    """Validate a parsed YAML tree; raises ConfigError listing every problem."""
+def parse_config(data: Any, source: str = "<config>", *, check_paths: bool = True) -> Config:
+    """Validate a parsed YAML tree; raises ConfigError listing every problem.
+
+    ``check_paths=False`` skips the checks that ask the filesystem (does each watch root exist?) and keeps every
+    structural one: for the read-only commands (``ckptd status``, ``ckptd history``), which must answer while a
+    watch root is away (an unmounted share)."""
     problems = Problems()
     top = Section(data, "", problems, ("state_dir", "log", "watches", "policies", "max_parallel_runs",
                                         "rescan_interval", "shutdown_deadline", "metrics"))
-    mt = Section(top.data.get("metrics"), "metrics", problems, ("listen", "textfile"))
+    mt = Section(top.data.get("metrics"), "metrics", problems, ("listen", "textfile", "status_page"))
     metrics = MetricsConfig(listen=mt.get("listen", "", check_listen, "host:port, e.g. 127.0.0.1:9478"),
                             textfile=mt.get("textfile", "", lambda v: "" if v in ("", None) else check_str(v),
-                                            "a file path ending in .prom"))
+                                            "a file path ending in .prom"),
+                            status_page=mt.get("status_page", None,  # auto: None
+                                                lambda v: None if v in (None, "auto") else check_bool(v),
+                                                "true, false or auto"))
     if metrics.textfile and (not metrics.textfile.endswith(".prom") or not Path(metrics.textfile).is_absolute()):
         problems.add("metrics.textfile", "must be an absolute path ending in .prom")
     state_dir = top.required("state_dir", check_str, "a directory path")
@@ -351,7 +367,8 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     if not isinstance(raw_watches, list) or not raw_watches:
         problems.add("watches", "expected a non-empty list of watches")
         raw_watches = []
-    watches = [w for i, item in enumerate(raw_watches) if (w := _watch(i, item, problems, raw_policies))]
+    watches = [w for i, item in enumerate(raw_watches)
+               if (w := _watch(i, item, problems, raw_policies, check_paths))]
     for i, w in enumerate(watches):
         _check_trainer_needs(i, w, policies, problems)
     names = [w.name for w in watches]
@@ -375,8 +392,8 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     return config
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config file."""
+def load_config(path: str | Path, *, check_paths: bool = True) -> Config:
+    """Read and validate a YAML config file (``check_paths``: see :func:`parse_config`)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -388,4 +405,4 @@ def load_config(path: str | Path) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         raise ConfigError(str(p), [f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_config(data, str(p))
+    return parse_config(data, str(p), check_paths=check_paths)

@@ -127,6 +127,9 @@ def _num(v: float | None) -> str:
 
 
 def render_text(runs: list[dict[str, Any]]) -> str:
+    """The text view of :func:`explain_config`; every line made terminal-safe (file and run names, reasons)."""
+    from ckptd.daemon.status import terminal_safe
+
     lines: list[str] = []
     for r in runs:
         if "error" in r:
@@ -166,4 +169,4 @@ def render_text(runs: list[dict[str, Any]]) -> str:
             lines.extend(f"    {x['path']}: {x['reason']}" for x in r["ignored"][:MAX_LISTED])
             if len(r["ignored"]) > MAX_LISTED:
                 lines.append(f"    … {len(r['ignored']) - MAX_LISTED} more")
-    return "\n".join(lines)
+    return "\n".join(terminal_safe(line) for line in lines)

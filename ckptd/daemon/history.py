@@ -24,6 +24,7 @@ from ckptd.daemon.status import (
     render_table,
     run_mode,
     stream_columns,
+    terminal_safe,
 )
 from ckptd.errors import CkptdError
 
@@ -147,12 +148,15 @@ HISTORY_HEADERS = ("TIME", "EVENT", "STEP", "METRIC", "RESULT", "NOTE", "SUBJECT
 
 
 def print_history(history: dict[str, Any], stream: TextIO | None = None) -> None:
+    """The text timeline (``ckptd history``); every field made terminal-safe (the title here, the cells by
+    :func:`render_table`)."""
     out = stream or sys.stdout
     cps = history["checkpoints"]
     title = f"{history['watch']}/{history['run']}  stream {history['stream']}  ({history['mode']})"
-    print(f"{title}: {len(cps)} checkpoint(s), {sum(c['member'] for c in cps)} in the top-k, "
-          f"{len(history['exports'])} export(s)"
-          + (f", {len(history['evaluations'])} evaluation(s)" if history["evaluations"] else ""), file=out)
+    print(terminal_safe(f"{title}: {len(cps)} checkpoint(s), {sum(c['member'] for c in cps)} in the top-k, "
+                        f"{len(history['exports'])} export(s)"
+                        + (f", {len(history['evaluations'])} evaluation(s)" if history["evaluations"] else "")),
+          file=out)
     cells = [[_when(i["at"]), i["event"], fmt_num(i["step"]), fmt_num(i["metric"]), i["result"] or "-", i["note"],
               i["subject"], i["reason"] or ""] for i in timeline(history)]
     for text in render_table(HISTORY_HEADERS, cells, right=("STEP", "METRIC"),

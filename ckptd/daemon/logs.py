@@ -13,21 +13,29 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 class _SafeStream:
     """The log stream, minus its power to kill the daemon: when the reader goes away (a closed pipe, a stopped
-    journald, ``ckptd once 2>&1 | head``) log lines are dropped instead of raising in the middle of a job."""
+    journald, ``ckptd once 2>&1 | head``) log lines are dropped instead of raising in the middle of a job.
+
+    A stream that is ``None`` is broken from the start: Python sets ``sys.stderr`` to ``None`` when the process
+    starts with its standard error closed (``ckptd run 2>&-``); the daemon then runs, logging nowhere."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
-        self.broken = False
+        self.broken = stream is None
 
     def isatty(self) -> bool:
-        return bool(self.stream.isatty())
+        if self.broken:
+            return False
+        try:
+            return bool(self.stream.isatty())
+        except (ValueError, OSError, AttributeError):  # closed, or not a file at all
+            return False
 
     def write(self, text: str) -> int:
         if self.broken:
             return len(text)
         try:
             return int(self.stream.write(text) or 0)
-        except (BrokenPipeError, ValueError, OSError):  # ValueError: the stream was closed
+        except (ValueError, OSError):  # BrokenPipeError is an OSError; ValueError: the stream was closed
             self.broken = True
             return len(text)
 
@@ -36,12 +44,12 @@ class _SafeStream:
             return
         try:
             self.stream.flush()
-        except (BrokenPipeError, ValueError, OSError):
+        except (ValueError, OSError):
             self.broken = True
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
-    stream = _SafeStream(stream or sys.stderr)
+    stream = _SafeStream(stream if stream is not None else sys.stderr)
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = structlog.processors.JSONRenderer(sort_keys=False) if use_json else \
         structlog.dev.ConsoleRenderer(colors=stream.isatty())

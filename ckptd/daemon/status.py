@@ -6,7 +6,12 @@ torch, no daemon service): status must answer fast on a busy host. The whole led
 table (grouped in SQL), not a few queries per run: 200 runs cost the same handful of queries as one.
 
 A missing ledger means "nothing recorded yet"; a ledger that exists but cannot be read (corrupt, locked, not a
-database, unreadable) is an error naming the file and the reason (exit 1), never silently "no runs".
+database, unreadable, behind a directory the user may not enter, a symlink to a missing file) is an error naming
+the file and the reason (exit 1), never silently "no runs".
+
+Everything the text views print passes through :func:`terminal_safe`: file names, run names and reasons come from
+the trainer's side (a hostile trainer picks its file names, and refusal reasons echo pickle global names), and
+must not reach the operator's terminal as escape sequences.
 
 A run **has an error** (the ``!`` column, ``--errors``, ``has_error`` in JSON) when
 
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
+import re
 import sqlite3
 import sys
 import time
@@ -51,6 +58,27 @@ class LedgerReadError(CkptdError):
         self.path = path
         self.reason = reason
         super().__init__(f"cannot read the ledger {path}: {reason}")
+
+
+# C0 controls (newline and tab included), DEL, C1 controls, the Unicode bidi controls (ALM, LRM, RLM, LRE, RLE, PDF,
+# LRO, RLO, LRI, RLI, FSI, PDI), the Unicode line and paragraph separators, and lone surrogates (undecodable bytes
+# of a file name: they could not even be written to a UTF-8 terminal)
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    ch = match.group()
+    code = ord(ch)
+    return _NAMED.get(ch) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+def terminal_safe(text: object) -> str:
+    """``text`` with everything a terminal would act on shown as a visible escape instead: control characters
+    (``\\x1b``, ``\\x07``, ``\\x9b``; newline, carriage return and tab as ``\\n``, ``\\r``, ``\\t``), DEL and the
+    Unicode bidi controls (``\\u202e``). Every other character, non-ASCII letters included, is kept. For the text
+    views only: ``--json`` output is escaped by ``json.dumps``."""
+    return _UNSAFE.sub(_escape, str(text))
 
 
 def ledger_path(config: Any) -> Path:
@@ -85,10 +113,23 @@ def open_ledger_ro(config: Any) -> Iterator[sqlite3.Connection | None]:
     the queries run inside the ``with`` block.
     """
     path = ledger_path(config)
-    if not path.exists():
+    try:  # exists() raises, rather than answer False, when a directory on the way may not be entered
+        present = path.exists()
+        dangling = not present and path.is_symlink()
+        regular = present and path.is_file()
+    except OSError as exc:
+        raise LedgerReadError(path, f"{exc.strerror or exc} (check its permissions and those of its "
+                                    "directory)") from exc
+    if dangling:
+        try:
+            target = f" ({os.readlink(path)})"
+        except OSError:
+            target = ""
+        raise LedgerReadError(path, f"is a symlink to a missing file{target}")
+    if not present:
         yield None
         return
-    if not path.is_file():
+    if not regular:
         raise LedgerReadError(path, "not a regular file")
     db: sqlite3.Connection | None = None
     try:
@@ -289,9 +330,10 @@ def clip(text: str, width: int) -> str:
 def render_table(headers: Sequence[str], cells: Sequence[Sequence[str]], *, right: Sequence[str] = (),
                  widest: dict[str, int] | None = None) -> list[str]:
     """Plain-text columns as wide as their content (``widest``: a cap per header, cut with an ellipsis);
-    ``right``: headers of right-aligned (numeric) columns. No trailing spaces."""
+    ``right``: headers of right-aligned (numeric) columns. No trailing spaces. Cells pass through
+    :func:`terminal_safe`."""
     widest = widest or {}
-    cells = [[clip(c, widest.get(h, 10**6)) for h, c in zip(headers, row)] for row in cells]
+    cells = [[clip(terminal_safe(c), widest.get(h, 10**6)) for h, c in zip(headers, row)] for row in cells]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
 
     def line(row: Sequence[str]) -> str:
@@ -329,32 +371,34 @@ def print_table(rows: Sequence[dict[str, Any]], stream: TextIO | None = None, *,
 def print_status(rows: list[dict[str, Any]], stream: TextIO | None = None) -> None:
     """The detailed human view of :func:`collect_status` (``ckptd status -v``)."""
     out = stream or sys.stdout
+
+    def say(line: str) -> None:  # one line each: the whole line is made terminal-safe, every field with it
+        print(terminal_safe(line), file=out)
+
     if not rows:
-        print(NO_RUNS, file=out)
+        say(NO_RUNS)
         return
     for r in rows:
         best = r["best"]
         best_txt = f"{best['metric']:g} from {Path(best['source']).name} (step {best['step']})" if best else "none yet"
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r["checkpoints"].items())) or "no checkpoints"
         title = f"{r['watch']}/{r['run']}" + (f" [{r['stream']}]" if r.get("stream", "model") != "model" else "")
-        print(f"{title}  ({r['mode']})", file=out)
-        print(f"  best      {best_txt}", file=out)
-        print(f"  top-k     {len(r['members'])} member(s): "
-              + ", ".join(f"{m['metric']:g}" for m in r["members"]), file=out)
-        print(f"  seen      {counts}", file=out)
+        say(f"{title}  ({r['mode']})")
+        say(f"  best      {best_txt}")
+        say(f"  top-k     {len(r['members'])} member(s): " + ", ".join(f"{m['metric']:g}" for m in r["members"]))
+        say(f"  seen      {counts}")
         if r["invalid"]:
             last = r["last_invalid"]
-            print(f"  invalid   {r['invalid']} rejected; latest {Path(last['source']).name}: {last['reason']}",
-                  file=out)
-        print(f"  last      {r['last_event'] or '-'} ({_ago(r['last_event_at'])})", file=out)
+            say(f"  invalid   {r['invalid']} rejected; latest {Path(last['source']).name}: {last['reason']}")
+        say(f"  last      {r['last_event'] or '-'} ({_ago(r['last_event_at'])})")
         if r["last_error"]:
-            print(f"  error     {r['last_error']} ({_ago(r['last_error_at'])})", file=out)
+            say(f"  error     {r['last_error']} ({_ago(r['last_error_at'])})")
         if r["export"]:
             e = r["export"]
-            print(f"  coreml    {e['status']}" + (f": {e['reason']}" if e["reason"] else ""), file=out)
+            say(f"  coreml    {e['status']}" + (f": {e['reason']}" if e["reason"] else ""))
         if r.get("evaluation"):
-            print(f"  eval      {describe_evaluation(r['evaluation'])}", file=out)
-        print(f"  output    {r['output']}", file=out)
+            say(f"  eval      {describe_evaluation(r['evaluation'])}")
+        say(f"  output    {r['output']}")
 
 
 def describe_evaluation(e: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import quote, urlencode
 
 REFRESH_SECONDS = 15
 POINT_CLASS = "pt"  # every chart point carries it (and only chart points): tests count them
+MAX_CHART_POINTS = 2000  # a larger run's chart is downsampled (see chart_points): the page stays small and fast
 MAX_TABLE_ROWS = 200
 MAX_ERRORS = 20
 
@@ -286,17 +287,54 @@ def _point_title(c: dict[str, Any], kind: str) -> str:
     return "\n".join(lines)
 
 
-def chart_svg(checkpoints: list[dict[str, Any]], mode: str = "max", width: int = 1100, height: int = 340) -> str:
+def _min_max_buckets(ks: list[int], ys: list[float], budget: int) -> list[int]:
+    """At most ``budget`` of the indexes ``ks`` (in order): all of them if they fit, else ``budget // 2`` even
+    buckets (by order) of which each keeps its lowest and its highest metric (the envelope of the curve)."""
+    if len(ks) <= budget:
+        return ks
+    buckets = budget // 2
+    out: list[int] = []
+    for b in range(buckets):
+        chunk = ks[len(ks) * b // buckets:len(ks) * (b + 1) // buckets]
+        if chunk:
+            lo, hi = min(chunk, key=lambda k: ys[k]), max(chunk, key=lambda k: ys[k])
+            out.extend(sorted({lo, hi}))
+    return out
+
+
+def chart_points(kinds: list[str], ys: list[float], limit: int = MAX_CHART_POINTS) -> list[int]:
+    """Which of the plotted checkpoints (in the order seen) the chart draws: all when there are at most ``limit``,
+    else the best and the top-k members always, the evicted members while they fit (else their envelope), and of
+    the rest the lowest and the highest metric of each of even stretches by order seen (see _min_max_buckets)."""
+    if len(kinds) <= limit:
+        return list(range(len(kinds)))
+    keep = [k for k, kind in enumerate(kinds) if kind in ("best", "member")]
+    evicted = [k for k, kind in enumerate(kinds) if kind == "evicted"]
+    keep += _min_max_buckets(evicted, ys, max(0, limit - len(keep)))
+    others = [k for k, kind in enumerate(kinds) if kind == "other"]
+    keep += _min_max_buckets(others, ys, max(0, limit - len(keep)))
+    return sorted(keep)
+
+
+def chart_svg(checkpoints: list[dict[str, Any]], mode: str = "max", width: int = 1100, height: int = 340,
+              limit: int = MAX_CHART_POINTS) -> str:
     """Metric vs step: one ``<circle class="pt ...">`` per checkpoint with a (finite) metric, each with a
-    ``<title>`` tooltip. x is the step when every plotted checkpoint has one, else the order seen (1, 2, ...)."""
+    ``<title>`` tooltip. x is the step when every plotted checkpoint has one, else the order seen (1, 2, ...).
+    Over ``limit`` such checkpoints, :func:`chart_points` picks which are drawn and a note says so (the axes still
+    span them all)."""
     plotted = [(i, c, v) for i, c in enumerate(checkpoints) if (v := _finite(c.get("metric"))) is not None]
     if not plotted:
         return '<p class="empty">no checkpoint with a metric yet</p>'
     by_step = all(_finite(c.get("step")) is not None for _, c, _ in plotted)
-    xs = [float(c["step"]) if by_step else float(i + 1) for i, c, _ in plotted]
-    ys = [v for _, _, v in plotted]
-    x_lo, x_hi = _padded(min(xs), max(xs), 0.03)
-    y_lo, y_hi = _padded(min(ys), max(ys), 0.08)
+    all_xs = [float(c["step"]) if by_step else float(i + 1) for i, c, _ in plotted]
+    all_ys = [v for _, _, v in plotted]
+    x_lo, x_hi = _padded(min(all_xs), max(all_xs), 0.03)
+    y_lo, y_hi = _padded(min(all_ys), max(all_ys), 0.08)
+    total = len(plotted)
+    shown = chart_points([point_kind(c) for _, c, _ in plotted], all_ys, limit)
+    plotted = [plotted[k] for k in shown]
+    xs = [all_xs[k] for k in shown]
+    ys = [all_ys[k] for k in shown]
     y_hi = _headroom(y_lo, y_hi)  # room above the top point for the best's label
     left, right, top, bottom = 78, 22, 18, 46
     pw, ph = width - left - right, height - top - bottom
@@ -345,6 +383,10 @@ def chart_svg(checkpoints: list[dict[str, Any]], mode: str = "max", width: int =
         label = f"best {fmt_metric(ys[best_at])}"
         parts.append(f'<text class="lbl" x="{x + dx}" y="{y + dy}" text-anchor="{anchor}">{esc(label)}</text>')
     parts.append("</svg>")
+    if len(plotted) < total:
+        parts.append(f'<p class="muted small chart-note">showing {len(plotted):,} of {total:,} checkpoints with a '
+                     "metric: the best, the top-k members and the evicted ones, and of the rest the lowest and the "
+                     "highest metric of each stretch (by order seen)</p>")
     return "".join(parts)
 
 
@@ -465,6 +507,9 @@ def render_run(history: dict[str, Any], row: dict[str, Any] | None, now: float) 
 
     body.append("<h2>Checkpoints" + (f" (latest {MAX_TABLE_ROWS})" if len(checkpoints) > MAX_TABLE_ROWS else "")
                 + "</h2>")
+    if len(checkpoints) > MAX_TABLE_ROWS:
+        body.append(f'<p class="muted small table-note">showing the newest {MAX_TABLE_ROWS:,} of '
+                    f"{len(checkpoints):,} checkpoints (<code>ckptd history</code> lists them all)</p>")
     body.append(_table(
         ["Checkpoint", "Step", "Metric", "Status", "Seen", "Reason"],
         (_tr([esc(c.get("name") or basename(c.get("path"))), esc(fmt_step(c.get("step"))),
