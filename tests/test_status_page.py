@@ -467,7 +467,9 @@ def test_slow_clients_are_capped_and_held_to_one_deadline_per_request() -> None:
             for c in clients:
                 c.close()
         assert len(ended) == len(clients), f"{len(clients) - len(ended)} slow clients still held after 4 s"
-        assert peak <= MAX_CONNECTIONS, f"{peak} request threads for {len(clients)} clients"
+        # a request thread releases its slot just before it ends, so for an instant the next one may already run
+        # beside it: the bound is the cap plus that one thread on its way out (never one per client)
+        assert peak <= MAX_CONNECTIONS + 1, f"{peak} request threads for {len(clients)} clients"
         busy = [t for t, data in ended.values() if data.startswith(b"HTTP/1.0 503")]
         assert len(busy) == len(clients) - MAX_CONNECTIONS and max(busy) < 0.5, busy
         assert scrape is not None and scrape[0] == 200, scrape

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd.child_processes import ChildProcesses, kill_group
 from ckptd.daemon.config_evaluate import EvaluatePolicy
 
 TAIL_BYTES = 4096  # of each stream, kept for the log and the verdict line
@@ -34,38 +33,7 @@ class Verdict:
     result: dict[str, object] | None = None  # the whole JSON object
 
 
-class EvaluationProcesses:
-    """The running evaluation children, so the daemon can kill them all when it stops."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._procs: set[subprocess.Popen[bytes]] = set()
-        self.stopping = False
-
-    def add(self, proc: subprocess.Popen[bytes]) -> bool:
-        with self._lock:
-            if self.stopping:
-                return False
-            self._procs.add(proc)
-            return True
-
-    def discard(self, proc: subprocess.Popen[bytes]) -> None:
-        with self._lock:
-            self._procs.discard(proc)
-
-    def kill_all(self) -> None:
-        with self._lock:
-            self.stopping = True
-            procs = list(self._procs)
-        for proc in procs:
-            _kill_group(proc)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+EvaluationProcesses = ChildProcesses  # the name the evaluation scheduler knows
 
 
 def _tail(fh: tempfile.SpooledTemporaryFile[bytes] | object) -> str:
@@ -109,18 +77,17 @@ def run_evaluation(policy: EvaluatePolicy, weights: Path, env: Mapping[str, str]
         except OSError as exc:
             return Verdict(None, f"cannot run {policy.command[0]!r}: {exc.strerror or exc}",
                            time.monotonic() - started, "")
-        if not processes.add(proc):
-            _kill_group(proc)
+        processes.add(proc)  # killed at once if the daemon began stopping meanwhile
         timed_out = False
         try:
             code = proc.wait(timeout=policy.timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
+            kill_group(proc)
             code = proc.wait()
         finally:
             processes.discard(proc)
-        _kill_group(proc)  # anything it left running in its group (a forked helper) goes with it
+        kill_group(proc)  # anything it left running in its group (a forked helper) goes with it
         seconds = time.monotonic() - started
         stdout, stderr = _tail(out), _tail(err)
     lines = stdout.rstrip("\n").rsplit("\n", 1)

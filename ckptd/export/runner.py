@@ -6,53 +6,25 @@ process group, so a timeout kills it and everything it started; the temp dir is 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
 from ckptd.atomic import TEMP_PREFIX, fsync_dir
+from ckptd.child_processes import ChildProcesses, kill_group
 from ckptd.export.request import ExportRequest, ExportResult
 
 VERSIONS_DIR = "coreml"
 _VERSION_RE = re.compile(r"^best-v(\d+)(?:-.*)?\.mlpackage$")
 
 
-class ExportProcesses:
-    """The export children of one owner (the daemon's scheduler), so its shutdown kills exactly those, and a
-    stopped owner never leaves a flag behind that would kill another owner's exports."""
-
-    def __init__(self) -> None:
-        self._live: set[subprocess.Popen[bytes]] = set()
-        self._lock = threading.Lock()
-        self._stopping = False
-
-    def add(self, proc: subprocess.Popen[bytes]) -> None:
-        with self._lock:
-            self._live.add(proc)
-            stopping = self._stopping
-        if stopping:  # the owner began stopping while this one was starting
-            _kill(proc)
-
-    def discard(self, proc: subprocess.Popen[bytes]) -> None:
-        with self._lock:
-            self._live.discard(proc)
-
-    def kill_all(self) -> None:
-        """On shutdown: stop exports now (they are redone on restart; nothing partial was published)."""
-        with self._lock:
-            self._stopping = True
-            procs = list(self._live)
-        for proc in procs:
-            _kill(proc)
+ExportProcesses = ChildProcesses  # the name the export scheduler knows
 
 
 def run_export(req: ExportRequest, timeout: float, processes: ExportProcesses | None = None) -> ExportResult:
@@ -74,7 +46,7 @@ def run_export(req: ExportRequest, timeout: float, processes: ExportProcesses | 
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill(proc)
+            kill_group(proc)
             return ExportResult(status="failed", reason=f"export timed out after {timeout:g}s and was killed",
                                 seconds=time.monotonic() - start)
         finally:
@@ -89,12 +61,6 @@ def run_export(req: ExportRequest, timeout: float, processes: ExportProcesses | 
                             seconds=time.monotonic() - start)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
 
 
 def staging_path(output: Path) -> Path:
