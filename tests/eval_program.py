@@ -7,8 +7,10 @@ afford real evaluation processes. ``soup_models`` trains on the same data (``dat
 
 With ``EVAL_MODE`` set it misbehaves on purpose: ``fail`` (exit 3), ``hang`` (starts a helper child, which stays in
 the evaluator's process group, then both sleep), ``lie`` (prints no JSON), ``nan`` (a non-finite metric),
-``touch`` (appends to its input weights file after reading it). ``EVAL_SLEEP`` (seconds) makes a well-behaved
-evaluation take longer.
+``touch`` (appends to its input weights file after reading it), ``inplace`` (overwrites the end of its input in
+place after reading it and restores its mtime: only a private copy stops that reaching what ckptd publishes),
+``delete`` (deletes its input after reading it). ``EVAL_SLEEP`` (seconds) makes a well-behaved evaluation take
+longer. Its first stdout line (chatter, logged) names the weights file and ``CKPTD_EVALUATION_ID``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def loss(weights: dict[str, np.ndarray]) -> float:
 def main() -> int:
     mode = os.environ.get("EVAL_MODE", "")
     weights = os.environ["CKPTD_WEIGHTS"]
-    print(f"evaluating {weights} ({os.environ.get('CKPTD_CANDIDATE')})")  # chatter: logged, not parsed
+    print(f"evaluating {weights} ({os.environ.get('CKPTD_CANDIDATE')}, evaluation "  # chatter: logged, not parsed
+          f"{os.environ.get('CKPTD_EVALUATION_ID')})")
     if mode == "fail":
         print("boom", file=sys.stderr)
         return 3
@@ -58,9 +61,17 @@ def main() -> int:
     from safetensors.numpy import load_file
 
     value = loss(load_file(weights))
-    if mode == "touch":  # after reading: its answer is right, but it wrote to ckptd's file
+    if mode == "touch":  # after reading: its answer is right, but it wrote to its input
         with open(weights, "ab") as fh:
             fh.write(b"\0")
+    if mode == "inplace":  # after reading: same size, same mtime, different bytes
+        st = os.stat(weights)
+        with open(weights, "r+b") as fh:
+            fh.seek(-64, os.SEEK_END)
+            fh.write(b"\x7f" * 64)
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if mode == "delete":
+        os.remove(weights)
     print(json.dumps({"loss": float("nan") if mode == "nan" else value, "n": N}))
     return 0
 

@@ -9,28 +9,37 @@ same ``Daemon.run_once`` runs in this process (no second torch import per step),
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+import signal
 import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import structlog
 import torch
 import yaml
 from safetensors.torch import load_file
 from structlog.testing import capture_logs
 
 from ckptd.cli import main as ckptd_main
+from ckptd.daemon import evaluation_runner, evaluation_store
 from ckptd.daemon.config import load_config
-from ckptd.daemon.evaluation_store import load_gate
+from ckptd.daemon.config_evaluate import EvaluatePolicy
+from ckptd.daemon.evaluation_runner import LOG_TAIL, STDERR_TAIL, EvaluationProcesses, Verdict, run_evaluation
+from ckptd.daemon.evaluation_store import EVALUATION_ID, load_gate
+from ckptd.daemon.evaluations import HOUR, Budget, BudgetSpent, Evaluator
 from ckptd.daemon.export_state import average_signature, export_target
-from ckptd.daemon.ledger import Ledger
-from ckptd.daemon.policy import ranked
+from ckptd.daemon.ledger import Ledger, MemberRow
+from ckptd.daemon.policy import Record, ranked
 from ckptd.daemon.service import Daemon
 from tests import soup_models as sm
 from tests.conftest import PYTHON, REPO, subprocess_env
@@ -431,6 +440,7 @@ MISBEHAVIOURS = [
     ("nan", "'loss' is not a finite number: nan"),
     ("touch", "the evaluator modified its input weights file"),
     ("hang", "timed out after 2s (its process group was killed)"),
+    ("delete", "the evaluator deleted or replaced its input weights file"),
 ]
 
 
@@ -458,6 +468,7 @@ def test_a_misbehaving_evaluator_changes_nothing_published(prepared: Prepared, b
     # greedy stops at the best member (once per job: a failure is not cached, a second job may try again)
     assert new_rows and {(r["kind"], r["status"]) for r in new_rows} == {("member", "failed")}
     assert all(reason in r["reason"] for r in new_rows), new_rows
+    assert all(r["pid"] for r in new_rows)  # recorded while it ran, for a restarted daemon to kill it
     failed = named(events, "evaluation.failed")
     assert len(failed) == len(new_rows) and all(reason in e["reason"] for e in failed)
     assert reason in m["average"]["evaluation"]["rejected"]["reason"]
@@ -474,19 +485,214 @@ def test_evaluation_budget_defers_the_rest_and_keeps_the_outputs(prepared: Prepa
         save(prepared.base / f"train/exp/b{i}.pt", sm.nudged(base_state, 300 + i), step=200 + i,
              val_loss=0.5 + i / 10)
     # another evaluator (its env differs): no cached value; every decision needs >= 3 evaluations ([g0], [g0, g1],
-    # [g0, g1, b0], ...), whichever top-k the first job sees, and the budget allows 2
+    # [g0, g1, b0], ...), whichever top-k the first job sees, and the budget allows 2 more than the ledger's
+    # evaluations of the last hour (every earlier test of this module's run; they count, whichever process ran them)
+    limit = len(rows_before) + 2
     config = write_config(prepared.base, average={"top_k": 16, "min_members": 2, "strategy": "greedy"},
-                          evaluate={"max_per_hour": 2, "env": {"EVAL_SET": "budget"}}, name="budget.yaml")
+                          evaluate={"max_per_hour": limit, "env": {"EVAL_SET": "budget"}}, name="budget.yaml")
     events = once(config)
     new_rows = evaluation_rows(prepared.base)[len(rows_before):]
     assert [r["status"] for r in new_rows] == ["ok", "ok"] and len(named(events, "evaluation.started")) == 2
     deferred = named(events, "evaluation.deferred")
-    assert deferred and "max_per_hour (2)" in deferred[0]["reason"] and "previous outputs stay" in deferred[0]["reason"]
+    assert deferred and f"max_per_hour ({limit})" in deferred[0]["reason"]
+    assert "previous outputs stay" in deferred[0]["reason"]
     after = published_files(out)
     assert {k: v for k, v in after.items() if k in before} == before
     avg = manifest(out)["average"]
     assert avg["evaluation"]["current"] is False  # the newest top-k is still waiting for its evaluation
     assert os.path.isfile(out / "average.safetensors")
+
+
+# --- the evaluator's input, output and process: a scratch copy, bounded pipes, its pid in the ledger ---------------
+def test_the_evaluator_rewriting_its_input_in_place_never_reaches_what_is_published(
+        tmp_path: Path, base_state: dict[str, torch.Tensor]) -> None:
+    """Each evaluation gets a scratch copy of its own (``.candidates/eval-*``, deleted after): an evaluator that
+    overwrites its input after reading it, restoring size and mtime, changes neither the published average (still
+    bitwise the members' uniform average) nor a member copy."""
+    run, out = tmp_path / "train/exp", tmp_path / "out/w/exp"
+    for i, s in enumerate(sm.good_members(base_state, 3)):
+        save(run / f"g{i}.pt", s, step=i)
+    config = write_config(tmp_path, average={"top_k": 3, "min_members": 3, "gate": True},
+                          evaluate={"env": {"EVAL_MODE": "inplace"}})
+    events = once(config)
+    m = manifest(out)
+    ev = m["average"]["evaluation"]
+    assert ev["status"] == "ok" and m["average"]["k"] == 3
+    assert_uniform_average_of(out, m["average"]["members"])
+    assert ev["value"] == pytest.approx(sm.evaluated_loss(out / "average.safetensors"), rel=1e-12)
+    assert ev["best_value"] == pytest.approx(sm.evaluated_loss(out / "best.safetensors"), rel=1e-12)
+    assert digest(out / "best.safetensors") == digest(out / m["best"]["member_path"])
+    rows, finished = evaluation_rows(tmp_path), named(events, "evaluation.finished")
+    assert [(r["kind"], r["status"]) for r in rows] == [("member", "ok"), ("soup", "ok")] and len(finished) == 2
+    for row, e in zip(rows, finished, strict=True):  # the evaluator saw its scratch copy and its row's id
+        assert f"{out / '.candidates'}/eval-" in e["output"] and f"evaluation {row['id']})" in e["output"], e
+        assert row["pid"] and row["pid"] != os.getpid()
+    assert not (out / ".candidates").exists()
+
+
+def _evaluate(code: str, **kwargs: Any) -> Verdict:
+    policy = EvaluatePolicy(command=(PYTHON, "-c", code), metric="loss", mode="min", timeout=30)
+    return run_evaluation(policy, Path("/nonexistent.safetensors"), {}, EvaluationProcesses(), **kwargs)
+
+
+CHATTY = """
+import json, os
+line = b"x" * 1023 + b"\\n"
+for _ in range(16 * 1024):  # 16 MiB on each stream
+    os.write(1, line)
+    os.write(2, line)
+print(json.dumps({"loss": 0.5, "stdout": os.readlink("/proc/self/fd/1"), "stderr": os.readlink("/proc/self/fd/2"),
+                  "pid": os.getpid(), "pgid": os.getpgid(0),
+                  "per_class": {f"class_{i:04d}_accuracy": 0.5 for i in range(300)}}))
+"""
+
+
+def test_evaluator_output_goes_through_pipes_and_a_long_verdict_line_is_read_whole() -> None:
+    """No temp files (a chatty evaluator cannot fill the disk); only bounded tails are kept; a 6 KB verdict line
+    (300 per-class metrics) is read whole; ``on_start`` gets the pid, which is its process group's id."""
+    pids: list[int] = []
+    verdict = _evaluate(CHATTY, on_start=pids.append)
+    assert verdict.value == 0.5 and verdict.reason is None, verdict.reason
+    result = verdict.result or {}
+    assert len(json.dumps(result)) > 6000 and len(result["per_class"]) == 300  # type: ignore[arg-type]
+    assert str(result["stdout"]).startswith("pipe:") and str(result["stderr"]).startswith("pipe:")
+    assert pids == [result["pid"]] == [result["pgid"]]
+    assert 0 < len(verdict.output) <= LOG_TAIL + STDERR_TAIL + 8 and verdict.output.endswith("x")
+
+
+def test_a_verdict_line_longer_than_what_ckptd_reads_is_refused_as_such() -> None:
+    verdict = _evaluate('import sys; sys.stdout.write(\'{"loss": 1, "pad": "\' + "x" * (2 << 20) + \'"}\\n\')')
+    assert verdict.value is None and "longer than the 1 MiB ckptd reads" in (verdict.reason or ""), verdict.reason
+
+
+def test_an_escaped_grandchild_holding_the_output_pipe_does_not_hold_up_the_verdict(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluation_runner, "DRAIN_SECONDS", 0.3)
+    code = ("import json, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+            "time.sleep(60)'], start_new_session=True); print(json.dumps({'loss': 1, 'helper': p.pid}))")
+    started = time.monotonic()
+    verdict = _evaluate(code)
+    try:
+        assert verdict.value == 1.0 and time.monotonic() - started < 10
+    finally:
+        os.kill(int((verdict.result or {})["helper"]), signal.SIGKILL)  # type: ignore[call-overload]
+
+
+def live_group_members(pgid: int) -> list[str]:
+    """Live processes (not zombies) of process group ``pgid``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if proc.name.isdigit() and fields[2] == str(pgid) and fields[0] != "Z":
+            found.append(proc.name)
+    return found
+
+
+def _sleeper(evaluation_id: int, *, leave_helper: bool = False) -> subprocess.Popen[bytes]:
+    code = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
+            if leave_helper else "import time; time.sleep(60)")
+    return subprocess.Popen([PYTHON, "-c", code], env={**os.environ, EVALUATION_ID: str(evaluation_id)},
+                            start_new_session=True)
+
+
+def test_a_restarted_daemon_kills_the_evaluators_a_killed_one_left_running_and_nothing_else(tmp_path: Path) -> None:
+    """Rows left 'running' hold the evaluator's pid (its process group); the group is killed only if a process in
+    it carries that row's ``CKPTD_EVALUATION_ID`` (a pid reused since is spared)."""
+    ledger, _ = Ledger.open(tmp_path / "ledger.sqlite3")
+    ids = [evaluation_store.started(ledger, "w", "r", "model", "soup", f"k{i}", ["a"]) for i in range(4)]
+    hung = _sleeper(ids[0])  # its own evaluator, still running: killed with its group
+    reused = _sleeper(ids[1] + 100)  # row 1's pid now belongs to another process: spared
+    leader = _sleeper(ids[2], leave_helper=True)  # the evaluator exited, its helper stays in its group: killed
+    leader.wait(timeout=30)
+    for row_id, proc in zip(ids, (hung, reused, leader), strict=False):
+        evaluation_store.set_pid(ledger, row_id, proc.pid)  # row 3: the daemon died before its evaluator ran
+    try:
+        assert live_group_members(leader.pid)  # the helper
+        assert evaluation_store.abandon_running(ledger, "the daemon stopped") == 4
+        assert hung.wait(timeout=10) == -signal.SIGKILL
+        assert reused.poll() is None
+        deadline = time.monotonic() + 10
+        while live_group_members(leader.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert live_group_members(leader.pid) == []
+        rows = ledger.query("SELECT id, status, reason FROM evaluations ORDER BY id")
+        assert [r[1] for r in rows] == ["abandoned"] * 4
+        assert ["was killed" in r[2] for r in rows] == [True, False, True, False], rows
+    finally:
+        for proc in (hung, reused):
+            proc.kill()
+            proc.wait()
+        ledger.close()
+
+
+def test_the_evaluation_budget_counts_the_ledgers_evaluations_of_the_last_hour(tmp_path: Path) -> None:
+    """A fresh process (``ckptd once`` from cron, a daemon in a crash loop) still honours max_per_hour."""
+    ledger, _ = Ledger.open(tmp_path / "ledger.sqlite3")
+    now = time.time()
+    with ledger.transaction() as db:
+        for watch, age in (("w", 4000.0), ("w", 1800.0), ("w", 600.0), ("other", 60.0)):
+            db.execute("INSERT INTO evaluations (watch, run, stream, kind, key, members, status, started_at) "
+                       "VALUES (?, 'r', 'model', 'member', 'k', '[]', 'ok', ?)", (watch, now - age))
+    try:
+        Budget().take("p", 3, now, ledger=ledger, watch="w")  # two in the hour: the older one and 'other' don't count
+        with pytest.raises(BudgetSpent) as spent:
+            Budget().take("p", 2, now, ledger=ledger, watch="w")
+        assert spent.value.wait == pytest.approx(HOUR - 1800 + 1)  # when the older of the two leaves the hour
+    finally:
+        ledger.close()
+
+
+def _lone_evaluator(tmp_path: Path, member: Path, command: tuple[str, ...]) -> tuple[Evaluator, MemberRow]:
+    """An ``Evaluator`` for one job of a run with one member, without a daemon around it."""
+    ledger, _ = Ledger.open(tmp_path / "ledger.sqlite3")
+    row = MemberRow(Record(1, str(tmp_path / "train/m.pt"), "ab" * 32, 0.5, 1, 0.0), str(member))
+    policy = SimpleNamespace(name="default", evaluate=EvaluatePolicy(command=command, metric="loss", mode="min",
+                                                                       timeout=30))
+    ctx = SimpleNamespace(policy=policy, watch=SimpleNamespace(name="w"), run="r", stream="model",
+                          output=tmp_path / "out")
+    run = SimpleNamespace(ctx=ctx, log=structlog.get_logger(), ledger=ledger, members=lambda: [row])
+    scheduler = SimpleNamespace(budget=Budget(), processes=EvaluationProcesses(), count=lambda result: None)
+    return Evaluator(scheduler, run), row  # type: ignore[arg-type]
+
+
+def test_a_copy_for_the_evaluator_cut_short_by_a_full_disk_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    member = tmp_path / "out/members/m.safetensors"
+    member.parent.mkdir(parents=True)
+    member.write_bytes(os.urandom(1 << 16))
+    evaluator, row = _lone_evaluator(tmp_path, member, (PYTHON, "-c", "print('{\"loss\": 1}')"))
+
+    def full_disk(src: Path, dst: Path, *args: Any, **kwargs: Any) -> None:
+        Path(dst).write_bytes(Path(src).read_bytes()[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with capture_logs():
+        outcome = evaluator([row])
+    evaluator.cleanup()
+    assert outcome.value is None and "No space left" in (outcome.reason or "")
+    assert not (tmp_path / "out/.candidates").exists()
+    evaluator.run.ledger.close()
+
+
+def test_an_evaluator_that_deletes_its_input_is_blamed_for_it(tmp_path: Path) -> None:
+    member = tmp_path / "out/members/m.safetensors"
+    member.parent.mkdir(parents=True)
+    member.write_bytes(content := os.urandom(1 << 16))
+    code = "import json, os; os.remove(os.environ['CKPTD_WEIGHTS']); print(json.dumps({'loss': 1}))"
+    evaluator, row = _lone_evaluator(tmp_path, member, (PYTHON, "-c", code))
+    with capture_logs() as logs:
+        outcome = evaluator([row])
+    evaluator.cleanup()
+    assert outcome.value is None and "the evaluator deleted or replaced its input" in (outcome.reason or "")
+    failed = named(logs, "evaluation.failed")
+    assert len(failed) == 1 and "ckptd could not" not in failed[0]["reason"] and "exc_info" not in failed[0]
+    assert member.read_bytes() == content and evaluator.files == {evaluation_store.set_key(["ab" * 32]): member}
+    assert not (tmp_path / "out/.candidates").exists()
+    evaluator.run.ledger.close()
 
 
 def test_switching_a_running_setup_to_the_gate_keeps_its_published_average_until_one_wins(
@@ -512,3 +718,46 @@ def test_switching_a_running_setup_to_the_gate_keeps_its_published_average_until
     assert digest(out / "average.safetensors") == published  # never dropped, never replaced by the loser
     assert sources(m["average"]["members"]) == [str(f) for f in files]
     assert m["average"]["evaluation"]["rejected"]["members"][0] == str(bad)
+
+
+def test_a_failed_evaluation_is_not_final_it_is_retried_after_a_restart(
+        tmp_path: Path, base_state: dict[str, torch.Tensor]) -> None:
+    """A transient evaluator failure (a busy GPU, a full disk) must not leave the run without its average until
+    the top-k happens to change: the decision is not recorded as made, and the next start evaluates again."""
+    run, out = tmp_path / "train/exp", tmp_path / "out/w/exp"
+    for i, s in enumerate(sm.good_members(base_state, 3)):
+        save(run / f"g{i}.pt", s, step=i)
+    gated = {"top_k": 5, "min_members": 3, "gate": True}
+    events = once(write_config(tmp_path, average=gated, evaluate={"env": {"EVAL_MODE": "fail"}}, name="fail.yaml"))
+    assert not (out / "average.safetensors").exists()
+    assert named(events, "evaluation.retry_scheduled")
+    assert manifest(out)["average"]["evaluation"]["current"] is False
+    events = once(write_config(tmp_path, average=gated))  # the evaluator works again; nothing new arrived
+    assert named(events, "evaluation.catch_up") and named(events, "average.published")
+    m = manifest(out)
+    assert m["average"]["path"] == "average.safetensors" and m["average"]["evaluation"]["current"] is True
+    assert_uniform_average_of(out, m["average"]["members"])
+
+
+def test_a_lost_ledger_keeps_the_published_soup_until_an_evaluation_decides(
+        tmp_path: Path, base_state: dict[str, torch.Tensor]) -> None:
+    """The ledger is deleted (or corrupt, moved aside): the gate's state and the cache are gone. The published
+    greedy soup is adopted from its manifest (its member copies are still there), so a failing evaluation after
+    the restart leaves it in place instead of withdrawing it."""
+    run, out = tmp_path / "train/exp", tmp_path / "out/w/exp"
+    good = sm.good_members(base_state, 2)
+    losses = [sm.loss_of(s) for s in good]
+    for i, s in enumerate(good):
+        save(run / f"g{i}.pt", s, step=i)
+    save(run / "bad.pt", sm.permuted(sm.nudged(base_state, 97)), step=5, val_loss=(losses[0] + losses[1]) / 2)
+    greedy = {"top_k": 4, "min_members": 2, "strategy": "greedy"}
+    once(write_config(tmp_path, average=greedy))
+    soup = manifest(out)["average"]
+    assert soup["k"] in (1, 2) and str(run / "bad.pt") not in sources(soup["members"])
+    published = digest(out / "average.safetensors")
+    for f in (tmp_path / "state").glob("ledger.sqlite3*"):
+        f.unlink()
+    events = once(write_config(tmp_path, average=greedy, evaluate={"env": {"EVAL_MODE": "fail"}}, name="f.yaml"))
+    assert named(events, "ledger.restored") and named(events, "average.adopted")
+    assert digest(out / "average.safetensors") == published
+    assert sources(manifest(out)["average"]["members"]) == sources(soup["members"])

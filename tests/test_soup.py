@@ -158,6 +158,7 @@ def test_parse_verdict_reads_the_metric_from_the_last_non_empty_line() -> None:
     ('{"loss": "0.1"}', "'loss' is not a finite number: '0.1'"),
     ('{"loss": true}', "'loss' is not a finite number: True"),
     ('{"loss": null}', "'loss' is not a finite number: None"),
+    ('{"loss": 1' + "0" * 400 + "}", "'loss' is not a finite number: 1000"),  # an int too large for a float
 ])
 def test_parse_verdict_refuses_unusable_answers(stdout: str, why: str) -> None:
     value, reason, _ = parse_verdict(stdout, "loss")
@@ -225,6 +226,8 @@ def test_config_needs_an_evaluator_for_greedy_gate_and_winner() -> None:
     ({"evaluate": {"command": ["e"], "metric": "loss"}}, "policies.default.evaluate.mode"),
     ({"evaluate": {**EVALUATE, "mode": "lower"}}, "policies.default.evaluate.mode"),
     ({"evaluate": {**EVALUATE, "timeout": "soon"}}, "policies.default.evaluate.timeout"),
+    ({"evaluate": {**EVALUATE, "timeout": "0s"}}, "policies.default.evaluate.timeout"),
+    ({"evaluate": {**EVALUATE, "timeout": 0}}, "policies.default.evaluate.timeout"),
     ({"evaluate": {**EVALUATE, "max_per_hour": 0}}, "policies.default.evaluate.max_per_hour"),
     ({"evaluate": {**EVALUATE, "env": {"A=B": "1"}}}, "policies.default.evaluate.env"),
     ({"evaluate": {**EVALUATE, "env": {"A": [1]}}}, "policies.default.evaluate.env"),

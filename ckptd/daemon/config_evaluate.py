@@ -36,6 +36,13 @@ def _check_env(v: Any) -> Mapping[str, str]:
     return MappingProxyType({k: str(x) for k, x in data.items()})
 
 
+def _check_timeout(v: Any) -> float:
+    seconds = parse_duration(v)
+    if not seconds > 0 or seconds == float("inf"):  # 0s would time out every evaluation at once
+        raise ValueError("a timeout must be longer than 0s")
+    return seconds
+
+
 def check_margin(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
         raise ValueError("expected a finite number")
@@ -77,7 +84,7 @@ def parse_evaluate(data: Any, path: str, problems: Problems) -> EvaluatePolicy:
     sec = Section(data, path, problems, ("command", "timeout", "metric", "mode", "env", "max_per_hour"))
     return EvaluatePolicy(
         command=sec.required("command", _check_argv, "an argv list, e.g. [python, eval.py]") or (),
-        timeout=sec.get("timeout", 600.0, parse_duration, "a duration like 5m"),
+        timeout=sec.get("timeout", 600.0, _check_timeout, "a duration longer than 0s, like 5m"),
         metric=sec.required("metric", check_str, "the key of the metric in the evaluator's JSON line") or "",
         mode=sec.required("mode", check_choice("max", "min"), "max or min") or "max",
         env=sec.get("env", MappingProxyType({}), _check_env, "a mapping of variable names to strings"),

@@ -1,19 +1,25 @@
 """The ledger's evaluation tables: every evaluation run (the cache), and per run the gate's published decision.
 
-``evaluations`` holds one row per evaluation process (running, ok, failed, abandoned). A row with status ``ok``
-is the cache: the same set of members, evaluated by the same evaluator, is never evaluated twice, across
-restarts too. ``gates`` holds, per run and stream, what the evaluated average publishes: its members (which may
-differ from the top-k: a greedy soup holds fewer, a gated average may be an older one), the manifest's
-``evaluation`` object, the winner (for ``export.coreml.source: winner``) and the top-k it was decided for.
+``evaluations`` holds one row per evaluation process (running, ok, failed, abandoned), with the process's pid
+(its process group: a daemon restarted after a crash kills what its predecessor left running) and start time (the
+``evaluate.max_per_hour`` budget counts them). A row with status ``ok`` is the cache: the same set of members,
+evaluated by the same evaluator, is never evaluated twice, across restarts too. ``gates`` holds, per run and
+stream, what the evaluated average publishes: its members (which may differ from the top-k: a greedy soup holds
+fewer, a gated average may be an older one), the manifest's ``evaluation`` object, the winner (for
+``export.coreml.source: winner``) and the top-k it was decided for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ckptd.daemon.ledger import Ledger, MemberRow
@@ -71,6 +77,20 @@ def started(ledger: Ledger, watch: str, run: str, stream: str, kind: str, key: s
         return int(cur.lastrowid or 0)
 
 
+def set_pid(ledger: Ledger, row_id: int, pid: int) -> None:
+    """The evaluator's pid (= its process group id, it runs in its own session), as soon as it runs."""
+    with ledger.transaction() as db:
+        db.execute("UPDATE evaluations SET pid=? WHERE id=?", (pid, row_id))
+
+
+def started_since(ledger: Ledger, watch: str, since: float, limit: int) -> list[float]:
+    """Start times (newest first, at most ``limit``) of the evaluations of ``watch`` started after ``since``,
+    whatever became of them: what ``evaluate.max_per_hour`` counts across processes."""
+    rows = ledger.query("SELECT started_at FROM evaluations WHERE watch=? AND started_at>? "
+                        "ORDER BY started_at DESC LIMIT ?", (watch, since, limit))
+    return [r[0] for r in rows]
+
+
 def finished(ledger: Ledger, row_id: int, status: str, *, value: float | None = None,
              reason: str | None = None) -> None:
     with ledger.transaction() as db:
@@ -78,12 +98,59 @@ def finished(ledger: Ledger, row_id: int, status: str, *, value: float | None = 
                    (status, value, reason, time.time(), row_id))
 
 
+EVALUATION_ID = "CKPTD_EVALUATION_ID"  # in each evaluator's environment: the id of its row
+
+
+def _stat_pgrp(pid: str) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text.rsplit(")", 1)[1].split()[2])  # after "pid (comm)": state, ppid, pgrp
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _carries(pid: int | str, marker: bytes) -> bool:
+    try:
+        return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def evaluator_group_alive(pgid: int, row_id: int) -> bool:
+    """Is process group ``pgid`` still the evaluator of row ``row_id``? Only a process of that group carrying
+    ``CKPTD_EVALUATION_ID=<row_id>`` in its environment says so, so a pid reused since is never mistaken for it:
+    the group's leader (the evaluator), or once it is gone (or a zombie), a process it left in its group (a forked
+    helper). Linux only (/proc); elsewhere always False."""
+    marker = f"{EVALUATION_ID}={row_id}".encode()
+    if _stat_pgrp(str(pgid)) == pgid and _carries(pgid, marker):
+        return True
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    return any(_stat_pgrp(p) == pgid and _carries(p, marker) for p in pids)
+
+
 def abandon_running(ledger: Ledger, reason: str) -> int:
-    """At startup: rows left 'running' by a process that died; returns how many were marked abandoned."""
+    """At startup: rows left 'running' by a process that died; returns how many were marked abandoned. An
+    evaluator such a process left running (it runs in its own session, so it outlives a ``kill -9`` of the
+    daemon) is killed with its process group first, so the redone evaluation never runs beside it. A grandchild
+    that called ``setsid`` itself is out of reach (under systemd, ``KillMode=mixed`` and the cgroup end it)."""
+    rows = ledger.query("SELECT id, pid FROM evaluations WHERE status='running'")
+    killed: set[int] = set()
+    for row_id, pid in rows:
+        if pid and pid > 1 and pid != os.getpgrp() and evaluator_group_alive(pid, row_id):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+                killed.add(row_id)
+    now = time.time()
     with ledger.transaction() as db:
-        cur = db.execute("UPDATE evaluations SET status='abandoned', reason=?, finished_at=? WHERE status='running'",
-                         (reason, time.time()))
-        return int(cur.rowcount)
+        for row_id, pid in rows:
+            why = reason + (f"; its evaluator (process group {pid}) was still running and was killed"
+                            if row_id in killed else "")
+            db.execute("UPDATE evaluations SET status='abandoned', reason=?, finished_at=? "
+                       "WHERE id=? AND status='running'", (why, now, row_id))
+    return len(rows)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ckptd.daemon import evaluation_store as store
-from ckptd.daemon.evaluation_runner import EvaluationProcesses, run_evaluation
+from ckptd.daemon.evaluation_runner import EvaluationProcesses, input_checked, run_evaluation
 from ckptd.daemon.export_seam import Log
 from ckptd.daemon.ledger import Ledger, MemberRow
 from ckptd.daemon.soup import Outcome, SoupDecision, gated_uniform, greedy
@@ -32,6 +32,7 @@ from ckptd.daemon.telemetry import Metrics
 
 CANDIDATES = ".candidates"
 HOUR = 3600.0
+RETRY_DELAYS: tuple[float, ...] = (30.0, 120.0, 600.0)  # after failed evaluations (the last one repeats)
 Key = tuple[str, str, str, str]
 
 
@@ -44,7 +45,9 @@ class EvaluationRun(Protocol):
 
     def members(self) -> list[MemberRow]: ...
 
-    def apply_evaluation(self, decision: SoupDecision | None, topk_key: str, files: dict[str, Path],
+    def decision_key(self, members: list[MemberRow]) -> str: ...
+
+    def apply_evaluation(self, decision: SoupDecision | None, topk_key: str | None, files: dict[str, Path],
                          best_value: float | None) -> None: ...
 
 
@@ -62,20 +65,30 @@ class Superseded(Exception):
 
 
 class Budget:
-    """Evaluations started per policy in the last hour (kept in memory: a restart starts a fresh hour)."""
+    """Evaluations started per policy in the last hour. Two counts, the larger one wins: those this process
+    started (in memory, every watch of the policy) and, when ``take`` is given the ledger and the run's watch, the
+    ledger's rows of that watch started in the last hour by any process (``ckptd once`` from cron or a daemon in
+    a crash loop is a fresh process each time; the ledger remembers). Across processes, a policy shared by
+    several watches is counted per watch."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._started: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
 
-    def take(self, policy: str, limit: int, now: float | None = None) -> None:
+    def take(self, policy: str, limit: int, now: float | None = None, *, ledger: Ledger | None = None,
+             watch: str | None = None) -> None:
         now = time.time() if now is None else now
         with self._lock:
             times = self._started[policy]
             while times and now - times[0] >= HOUR:
                 times.popleft()
-            if len(times) >= limit:
-                raise BudgetSpent(HOUR - (now - times[0]) + 1.0)
+            waits = [HOUR - (now - times[-limit]) + 1.0] if len(times) >= limit else []
+            if ledger is not None and watch is not None:
+                recent = store.started_since(ledger, watch, now - HOUR, limit)  # newest first
+                if len(recent) >= limit:
+                    waits.append(HOUR - (now - recent[-1]) + 1.0)
+            if waits:
+                raise BudgetSpent(max(waits))
             times.append(now)
 
 
@@ -88,25 +101,47 @@ class Evaluator:
         self.ev = ctx.policy.evaluate
         self.where = (ctx.watch.name, ctx.run, ctx.stream)
         self.dir = Path(ctx.output) / CANDIDATES
-        self.files: dict[str, Path] = {}  # set key -> the weights file evaluated for it
+        self.files: dict[str, Path] = {}  # set key -> ckptd's own weights for it (a win publishes exactly this)
+        self.scratch: set[Path] = set()  # every file this job writes under .candidates, registered before writing
         self.ran = 0
         self.cache_hits = 0
 
     def weights_for(self, subset: Sequence[MemberRow]) -> Path:
-        """One member: a private copy of its pinned copy. Several: their uniform average, written once per set."""
+        """ckptd's own weights for a set, the file a win publishes: one member's pinned copy itself (immutable),
+        several members' uniform average, written once per set. Never given to the evaluator (``_scratch_copy``)."""
         skey = store.set_key([m.record.sha256 for m in subset])
         if skey in self.files:
             return self.files[skey]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"{skey[:24]}.safetensors"
-        if len(subset) == 1:  # never the pinned copy itself: it is best.safetensors (a hard link), and the user's
-            shutil.copyfile(subset[0].file, path)  # program could write to it (its answer is refused, too late)
+        if len(subset) == 1:
+            path = Path(subset[0].file)
         else:
             from ckptd.daemon.outputs import write_candidate_average  # torch: only when a soup is evaluated
 
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / f"{skey[:24]}.safetensors"
+            self.scratch.add(path)  # written atomically (a temp file, removed if the write fails)
             write_candidate_average(path, subset, self.run.ctx.policy)
         self.files[skey] = path
         return path
+
+    def _scratch_copy(self, weights: Path, skey: str, row_id: int) -> Path:
+        """The evaluator's own copy of ``weights``, bitwise ``weights`` when made: whatever the evaluator (or a
+        process it left behind) later does to it never reaches a published file. Removed after the evaluation."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"eval-{skey[:24]}-{row_id}.safetensors"
+        self.scratch.add(path)
+        try:
+            shutil.copyfile(weights, path)
+        except BaseException:  # a partial copy (ENOSPC) never stays behind
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def _drop(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+            self.scratch.discard(path)
 
     def __call__(self, subset: Sequence[MemberRow]) -> Outcome:
         shas = [m.record.sha256 for m in subset]
@@ -115,25 +150,24 @@ class Evaluator:
         if hit is not None:
             self.cache_hits += 1
             return Outcome(hit.value)
-        self.scheduler.budget.take(self.run.ctx.policy.name, self.ev.max_per_hour)
+        self.scheduler.budget.take(self.run.ctx.policy.name, self.ev.max_per_hour, ledger=self.run.ledger,
+                                   watch=self.where[0])
         sources = [m.record.path for m in subset]
         kind = "member" if len(subset) == 1 else "soup"
         row_id = store.started(self.run.ledger, *self.where, kind, key, sources)
         log = self.run.log.bind(members=len(subset), candidate=kind)
+        copy: Path | None = None
         try:
-            weights = self.weights_for(subset)
-            before = weights.stat()
+            copy = self._scratch_copy(self.weights_for(subset), store.set_key(shas), row_id)
+            before = copy.stat()
             env = {"CKPTD_WATCH": self.where[0], "CKPTD_RUN": self.where[1], "CKPTD_STREAM": self.where[2],
                    "CKPTD_CANDIDATE": kind, "CKPTD_MEMBERS": json.dumps(sources), "CKPTD_OUTPUT": str(
-                       self.run.ctx.output), "CKPTD_METRIC_NAME": self.ev.metric}
+                       self.run.ctx.output), "CKPTD_METRIC_NAME": self.ev.metric,
+                   store.EVALUATION_ID: str(row_id)}
             log.info("evaluation.started", action="evaluate", members_sources=sources)
-            verdict = run_evaluation(self.ev, weights, env, self.dir if self.dir.is_dir() else weights.parent,
-                                     self.scheduler.processes)
-            after = weights.stat()
-            if verdict.value is not None and (after.st_size, after.st_mtime_ns) != (before.st_size,
-                                                                                   before.st_mtime_ns):
-                verdict = type(verdict)(None, "the evaluator modified its input weights file; its answer is not "
-                                              "trusted", verdict.seconds, verdict.output)
+            verdict = input_checked(run_evaluation(
+                self.ev, copy, env, self.scheduler.processes,
+                on_start=lambda pid: store.set_pid(self.run.ledger, row_id, pid)), copy, before)
         except Exception as exc:  # ckptd's own trouble (disk, averaging): the evaluation failed, the run goes on
             current = {m.record.sha256 for m in self.run.members()}
             if any(sha not in current for sha in shas):  # evicted while we ran: not a failure, just too late
@@ -145,6 +179,9 @@ class Evaluator:
             log.error("evaluation.failed", reason=f"ckptd could not prepare or run the evaluation: {exc}",
                       exc_info=True)
             return Outcome(None, str(exc))
+        finally:
+            if copy is not None:
+                self._drop(copy)
         self.ran += 1
         if verdict.value is None:
             store.finished(self.run.ledger, row_id, "failed", reason=verdict.reason)
@@ -159,9 +196,9 @@ class Evaluator:
         return Outcome(verdict.value)
 
     def cleanup(self, keep: frozenset[Path] = frozenset()) -> None:
-        for path in self.files.values():
+        for path in list(self.scratch):
             if path.parent == self.dir and path not in keep:
-                path.unlink(missing_ok=True)
+                self._drop(path)
         with contextlib.suppress(OSError):
             self.dir.rmdir()  # only when empty (another job of this output may be using it)
 
@@ -196,6 +233,8 @@ class EvaluationScheduler:
         self._running: set[Key] = set()
         self._pending: dict[Key, EvaluationRun] = {}
         self._timers: dict[Key, threading.Timer] = {}
+        self._failed_jobs: dict[Key, int] = {}  # consecutive jobs with a failed evaluation, per run
+        self.retry_delays = RETRY_DELAYS
         self.stopping = False
         left = store.abandon_running(ledger, "the daemon stopped while this evaluation ran (crash or kill); it is "
                                              "redone if still needed")
@@ -247,13 +286,15 @@ class EvaluationScheduler:
             members = run.members()
             if not members:
                 return
-            topk = store.set_key([m.record.sha256 for m in members])
+            topk = run.decision_key(members)
             decision, best_value = decide(members, run.ctx.policy, evaluator)
             if self.stopping:
                 return
             run.apply_evaluation(decision, topk, evaluator.files, best_value)
             if decision is not None and decision.rejected is not None:
                 self.count("rejected")  # the newest candidate lost (a gated average kept, a member left out)
+            failed = (decision.failures if decision is not None else best_value is None)
+            self._after(key, run, failed)
         except Superseded as exc:
             run.log.info("evaluation.superseded", action="evaluate the newer top-k", reason="a member left the "
                          f"top-k while its set was evaluated ({exc}); no decision for the older top-k")
@@ -267,6 +308,19 @@ class EvaluationScheduler:
                           exc_info=True)
         finally:
             evaluator.cleanup()
+
+    def _after(self, key: Key, run: EvaluationRun, failed: bool) -> None:
+        """A job with a failed evaluation is not final: it is retried on its own after a back-off (a newer
+        request replaces the retry; successes are cached, so only the failed evaluations run again)."""
+        with self._lock:
+            if not failed:
+                self._failed_jobs.pop(key, None)
+                return
+            n = self._failed_jobs[key] = self._failed_jobs.get(key, 0) + 1
+        delay = self.retry_delays[min(n, len(self.retry_delays)) - 1]
+        run.log.warning("evaluation.retry_scheduled", retry_in=f"{delay:g}s", attempt=n + 1,
+                        reason="an evaluation failed; the previous outputs stay and the decision is retried")
+        self._requeue(key, run, delay)
 
     def _requeue(self, key: Key, run: EvaluationRun, delay: float) -> None:
         with self._lock:

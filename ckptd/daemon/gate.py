@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ckptd.daemon import evaluation_store as store
 from ckptd.daemon.evaluation_store import GateState
 from ckptd.daemon.ledger import MemberRow
+from ckptd.daemon.policy import Record
 from ckptd.daemon.publish import AVERAGE
 from ckptd.daemon.soup import SoupDecision, winner
 
@@ -29,6 +30,14 @@ def _where(proc: RunProcessor) -> tuple[str, str, str]:
 
 def load(proc: RunProcessor) -> GateState:
     return store.load_gate(proc.ledger, *_where(proc))
+
+
+def decision_key(proc: RunProcessor, members: Sequence[MemberRow]) -> str:
+    """What a decision was made for: the top-k set, and everything in the policy that could change the decision
+    (the evaluator, the strategy, the gate, the margin, min_members). A different key means: evaluate again."""
+    avg, ev = proc.ctx.policy.average, proc.ctx.policy.evaluate
+    settings = f"{ev.signature()}|{avg.strategy}|{avg.gate}|{avg.margin!r}|{avg.min_members}"
+    return store.evaluation_key(settings, [m.record.sha256 for m in members])
 
 
 def average_members(proc: RunProcessor, members: Sequence[MemberRow], state: GateState | None = None
@@ -64,10 +73,11 @@ def evaluation_blocks(proc: RunProcessor, members: Sequence[MemberRow], averaged
         decided = state.evaluation is not None and store.set_key([m.record.sha256 for m in state.members]) == \
             store.set_key([m.record.sha256 for m in averaged])
         average = dict(state.evaluation) if decided and state.evaluation else looked_up(averaged)
-        topk = store.set_key([m.record.sha256 for m in members])
-        average["current"] = state.topk_key == topk  # False: the newest top-k is still being evaluated
-    elif state.evaluation is not None and state.evaluation.get("rejected"):
+        # False: the newest top-k (or a changed policy) is still being evaluated, or an evaluation failed
+        average["current"] = state.topk_key == decision_key(proc, members)
+    elif state.evaluation is not None and (state.evaluation.get("rejected") or state.evaluation.get("tried")):
         average = dict(state.evaluation)  # nothing published yet, but say why
+        average["current"] = state.topk_key == decision_key(proc, members)
     return {"best": looked_up(members[:1]), "average": average}
 
 
@@ -91,12 +101,18 @@ def _evaluation_object(proc: RunProcessor, decision: SoupDecision, kept: Sequenc
     return obj
 
 
-def apply(proc: RunProcessor, decision: SoupDecision | None, topk_key: str, files: dict[str, Path],
+def apply(proc: RunProcessor, decision: SoupDecision | None, topk_key: str | None, files: dict[str, Path],
           best_value: float | None) -> None:
     """Called by the evaluation job: publish the winning average, or keep the previous one and record why."""
     policy, ev = proc.ctx.policy, proc.ctx.policy.evaluate
     best_sha = None
+    if (decision is not None and decision.failures) or (decision is None and best_value is None):
+        topk_key = None  # not decided: an evaluation failed; it is retried (and after a restart)
     with proc.manifest_lock:
+        if proc.retired:  # a reload replaced this run's processor (another policy): its decision is void
+            proc.log.info("evaluation.superseded", action="drop", reason="the config was reloaded while the "
+                          "evaluation ran; the new policy decides")
+            return
         members = proc.members()
         if members:
             best_sha = members[0].record.sha256
@@ -179,20 +195,38 @@ def export_decided(proc: RunProcessor) -> None:
         proc.exporter.request_average(proc, list(state.members))
 
 
-def adopt_published(proc: RunProcessor, members: Sequence[MemberRow]) -> bool:
-    """A policy that just became evaluated (``gate: true`` or ``greedy`` added to a running setup) has no gate
-    state yet: the average published before stays, described by the gate as the current top-k's, until an
-    evaluation decides. Only when the published manifest's average holds exactly these members."""
+def adopt_published(proc: RunProcessor) -> bool:
+    """The gate has no state but an average is published: a policy that just became evaluated (``gate: true`` or
+    ``greedy`` added to a running setup), or a lost ledger (rebuilt from the member copies). The published
+    average stays, described by the gate as it is described by its manifest, until an evaluation decides; its
+    members must still have their pinned copies and checkpoint rows (restored from those copies)."""
     from ckptd.daemon.outputs import published_manifest
 
     state = load(proc)
-    if not proc.ctx.policy.average.evaluated or state.topk_key is not None or state.members or not members:
+    if not proc.ctx.policy.average.evaluated or state.topk_key is not None or state.members:
         return False
     manifest = published_manifest(proc.ctx.output) or {}
-    listed = [e.get("sha256") for e in (manifest.get("average") or {}).get("members") or []]
-    if not (proc.ctx.output / AVERAGE).is_file() or listed != [m.record.sha256 for m in members]:
+    average = manifest.get("average") or {}
+    if not average.get("path") or not (proc.ctx.output / AVERAGE).is_file():
         return False
-    store.save_gate(proc.ledger, *_where(proc), GateState(None, tuple(members), None, None))
+    adopted: list[MemberRow] = []
+    for entry in average.get("members") or []:
+        file = proc.ctx.output / str(entry.get("path", ""))
+        row = proc.ledger.query("SELECT id, mtime_ns FROM checkpoints WHERE watch=? AND run=? AND stream=? AND "
+                                "path=? AND sha256=? ORDER BY id DESC LIMIT 1",
+                                (*_where(proc), entry.get("source"), entry.get("sha256")))
+        if not row or not file.is_file():
+            return False  # cannot describe it exactly: the next evaluation decides from the top-k
+        ckpt_id, mtime_ns = row[0]
+        adopted.append(MemberRow(Record(ckpt_id, entry["source"], entry["sha256"], entry.get("metric"),
+                                        entry.get("step"), mtime_ns / 1e9 if mtime_ns > 0 else file.stat().st_mtime),
+                                 str(file)))
+    if not adopted:
+        return False
+    evaluation = average.get("evaluation")
+    store.save_gate(proc.ledger, *_where(proc), GateState(None, tuple(adopted),
+                                                          evaluation if isinstance(evaluation, dict) else None,
+                                                          None))
     return True
 
 

@@ -53,9 +53,11 @@ CREATE TABLE IF NOT EXISTS evaluations (
     id INTEGER PRIMARY KEY,
     watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model',
     kind TEXT NOT NULL, key TEXT NOT NULL, members TEXT NOT NULL,
-    value REAL, status TEXT NOT NULL, reason TEXT, started_at REAL NOT NULL, finished_at REAL
+    value REAL, status TEXT NOT NULL, reason TEXT, started_at REAL NOT NULL, finished_at REAL,
+    pid INTEGER
 );
 CREATE INDEX IF NOT EXISTS evaluations_key ON evaluations (watch, run, stream, key);
+CREATE INDEX IF NOT EXISTS evaluations_started ON evaluations (watch, started_at);
 CREATE TABLE IF NOT EXISTS gates (
     watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model',
     topk_key TEXT, members TEXT NOT NULL, evaluation TEXT, winner TEXT, updated_at REAL NOT NULL,

@@ -110,6 +110,7 @@ class RunProcessor:
         self.hooks = hooks
         self.manifest_lock = threading.RLock()
         self.reconciled = False
+        self.retired = False  # set when a reload replaces this processor: late evaluation decisions are dropped
         self.defer_manifest = False  # a job over many files publishes manifest-only changes once, at its end
         self._manifest_stale = False
         # the latest final identity per path: no ledger query per file per scan; bounded by the files present
@@ -162,7 +163,8 @@ class RunProcessor:
 
     def republish(self, members: list[MemberRow], *, reason: str) -> None:
         """Publish the complete set for ``members`` (recovery, or after outputs were deleted)."""
-        self._publish(members, self._manifest(members), best_changed=True, average_changed=True)
+        with self.manifest_lock:  # the manifest is built and published under one lock (an evaluation publishes too)
+            self._publish(members, self._manifest(members), best_changed=True, average_changed=True)
         if members:
             self.log.info("outputs.republished", members=len(members), reason=reason)
 
@@ -181,7 +183,8 @@ class RunProcessor:
         with self.manifest_lock:
             self._publish(members, self._manifest(members, state=state), best_changed=False, average_changed=True,
                           before_commit=before_commit, state=state, evaluated=evaluated)
-        recovery.prune_members(self.ctx.output, {m.file for m in members} | {m.file for m in state.members})
+        # no pruning here: a join may have written a member copy it has not committed yet (only the run's worker
+        # prunes, after its own commit)
         self.metrics.success("average")
 
     def note_evaluated_average(self, kept: list[MemberRow]) -> None:
@@ -198,10 +201,13 @@ class RunProcessor:
     def note_event(self, event: str) -> None:
         self._event(event)
 
-    def apply_evaluation(self, decision: Any, topk_key: str, files: dict[str, Path],
+    def apply_evaluation(self, decision: Any, topk_key: str | None, files: dict[str, Path],
                          best_value: float | None) -> None:
         """The evaluation scheduler's callback (``evaluations.EvaluationRun``)."""
         gate.apply(self, decision, topk_key, files, best_value)
+
+    def decision_key(self, members: list[MemberRow]) -> str:
+        return gate.decision_key(self, members)
 
     def request_evaluation(self) -> None:
         if self.evaluator is not None:
@@ -211,9 +217,7 @@ class RunProcessor:
         """Was the current top-k never evaluated (e.g. the daemon stopped before the evaluation finished)?"""
         if self.evaluator is None or not members:
             return False
-        from ckptd.daemon.evaluation_store import set_key
-
-        return gate.load(self).topk_key != set_key([m.record.sha256 for m in members])
+        return gate.load(self).topk_key != gate.decision_key(self, members)
 
     def current_coreml(self) -> dict[str, Any] | None:
         """The manifest's coreml block: a view of the ledger's exports rows (the ledger is the store)."""
@@ -503,12 +507,13 @@ class RunProcessor:
                                    metric=record.metric, metric_source=metric_src, step=record.step,
                                    stream=self.ctx.stream, db=db)
 
-        with timer.labels(action="publish").time():
+        with timer.labels(action="publish").time(), self.manifest_lock:  # manifest built and published under it
             self._publish(members, self._manifest(members, done), best_changed=decision.new_best,
                           average_changed=average_changed, before_commit=commit_ledger)
         self._manifest_stale = False  # that manifest carries every deferred change too
         self._final[str(obs.path)] = obs.signature
-        recovery.prune_members(out, {m.file for m in members})  # evicted copies, once no kept generation names them
+        with self.manifest_lock:  # never between an evaluation's check of its members' copies and its publish
+            recovery.prune_members(out, {m.file for m in members})  # evicted copies no kept generation names
         if decision.new_best:
             self.metrics.success("best")
         if average_changed:

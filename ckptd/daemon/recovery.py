@@ -54,7 +54,7 @@ def reconcile(proc: RunProcessor) -> None:
     for f in prune_members(out, {m.file for m in kept}):
         log.info("member.orphan_removed", file=str(f), reason="not a member in the ledger nor named by a kept "
                  "generation")
-    if gate.adopt_published(proc, kept):
+    if gate.adopt_published(proc):
         log.info("average.adopted", reason="the policy now evaluates its average: the published one stays until "
                  "an evaluation of the current top-k decides")
     if changed or not published_matches(proc, kept):

@@ -49,6 +49,11 @@ class RunStreams:
         self._unnamed: set[Path] = set()  # files whose names cannot be recorded (logged once each)
 
     @property
+    def retire(self) -> None:
+        """This run's view was replaced (a reload, the run gone): late decisions of its processors are void."""
+        for proc in self.processors.values():
+            proc.retired = True
+
     def primary(self) -> RunProcessor | None:
         return next(iter(self.processors.values()), None)
 
@@ -80,6 +85,9 @@ class RunStreams:
             self.ledger.touch_run(ctx.watch.name, ctx.run, str(ctx.run_dir), str(ctx.output), stream=stream.name)
             processors[stream.name] = self._make(ctx)
             processors[stream.name].defer_manifest = True
+        for name, old in self.processors.items():
+            if processors.get(name) is not old:
+                old.retired = True
         self.processors, self.plan = processors, plan  # only once every stream is set up (a full ledger retries)
 
     def job(self, tracker: ReadinessTracker, settle: float, stopping: Callable[[], bool],

@@ -158,6 +158,8 @@ class Daemon:
                         self.log.error("run.skipped", watch=watch.name, run_dir=str(run_dir), reason=str(exc))
                     continue
                 ctx = RunContext(watch=watch, policy=policy, run=name, run_dir=run_dir, output=output)
+                if state is not None:
+                    state.streams.retire()
                 self.runs[key] = RunState(ctx=ctx, streams=RunStreams(ctx, self.ledger, self.log, self._processor),
                                           tracker=state.tracker if state else ReadinessTracker())
                 if state is None:
@@ -165,7 +167,7 @@ class Daemon:
                                   output=str(output))
         self._refused_runs &= seen
         for key in [k for k in self.runs if k not in seen and not self.runs[k].running]:
-            del self.runs[key]
+            self.runs.pop(key).streams.retire()
 
     def _processor(self, ctx: RunContext) -> RunProcessor:
         return RunProcessor(ctx, self.ledger, self.log, exporter=self.exports, hooks=self.hooks, metrics=self.metrics,

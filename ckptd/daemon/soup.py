@@ -42,6 +42,11 @@ class SoupDecision:
     rejected: dict[str, Any] | None = None
     excluded: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def failures(self) -> bool:
+        """Did any evaluation of this decision fail (so it is not final: the failed ones are retried)?"""
+        return any("failed" in t for t in self.tried)
+
 
 def _sources(members: Sequence[MemberRow]) -> list[str]:
     return [m.record.path for m in members]
