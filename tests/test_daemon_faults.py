@@ -181,10 +181,10 @@ def test_ledger_on_a_full_disk_fails_the_job_then_resumes_by_itself(tmp_path: Pa
         daemon = DaemonProcess(config, tmp_path / "daemon.log")
         # the fault: fill the ledger's filesystem (a real ENOSPC for SQLite's next write)
         filler = state / "filler"
-        with open(filler, "wb") as fh, pytest.raises(OSError):
+        # unbuffered: a buffered file keeps the tail of a partial write and raises ENOSPC again when it is closed
+        with open(filler, "wb", buffering=0) as fh, pytest.raises(OSError):
             while True:
                 fh.write(b"\0" * 65536)
-                fh.flush()
         run = make_run(tmp_path, "new")
         atomic_save(_ckpt(3, 0.9), run / "c.pt")
         daemon.wait_for(lambda ev: any(e["event"] == "run.failed" and "full" in e["reason"] for e in ev), 30,

@@ -48,8 +48,19 @@ class _SafeStream:
             self.broken = True
 
 
+_SAFE: dict[int, _SafeStream] = {}  # one wrapper per real stream: structlog's write lock is per file object, so
+# loggers bound before a reload (other threads) and after it must share it, or their lines interleave mid-line
+
+
+def _safe(stream: Any) -> _SafeStream:
+    key = id(stream)
+    if key not in _SAFE or _SAFE[key].stream is not stream:
+        _SAFE[key] = _SafeStream(stream)
+    return _SAFE[key]
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
-    stream = _SafeStream(stream if stream is not None else sys.stderr)
+    stream = _safe(stream if stream is not None else sys.stderr)
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = structlog.processors.JSONRenderer(sort_keys=False) if use_json else \
         structlog.dev.ConsoleRenderer(colors=stream.isatty())

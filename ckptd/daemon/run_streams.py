@@ -48,12 +48,12 @@ class RunStreams:
         self.processors: dict[str, RunProcessor] = {}
         self._unnamed: set[Path] = set()  # files whose names cannot be recorded (logged once each)
 
-    @property
     def retire(self) -> None:
         """This run's view was replaced (a reload, the run gone): late decisions of its processors are void."""
         for proc in self.processors.values():
             proc.retired = True
 
+    @property
     def primary(self) -> RunProcessor | None:
         return next(iter(self.processors.values()), None)
 
