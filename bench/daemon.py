@@ -29,28 +29,17 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from bench import daemon_process  # noqa: E402
 
 SRC = REPO  # the checkout the daemon runs from (--src)
 
 
 def start_daemon(cfg: dict, work: Path) -> subprocess.Popen:
-    path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, PYTHONPATH=str(SRC))
-    log = open(work / "daemon.log", "wb")  # noqa: SIM115
-    # cwd outside any checkout: `python -m` puts the cwd first on sys.path, ahead of PYTHONPATH (--src)
-    proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "run", "-c", str(path)], stdout=log, stderr=log,
-                            env=env, cwd=work)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if b'"daemon.ready"' in (work / "daemon.log").read_bytes():
-            return proc
-        time.sleep(0.05)
-    raise RuntimeError("daemon did not start: " + (work / "daemon.log").read_text()[-2000:])
+    return daemon_process.start_daemon(cfg, work, SRC)
 
 
 def read_bytes(pid: int) -> int:

@@ -34,6 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import daemon_process  # noqa: E402
 from tests import soup_models as sm  # noqa: E402
 
 EVAL_PROGRAM = REPO / "tests" / "eval_program.py"
@@ -144,19 +145,8 @@ def evaluations_per_update(ks: list[int], n_for: Callable[[int], int]) -> None:
 
 
 # --- 2. latency, gated vs ungated -------------------------------------------------------------------------------
-def start_daemon(cfg: dict[str, Any], base: Path) -> subprocess.Popen[bytes]:
-    path = base / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    log = open(base / "daemon.log", "wb")  # noqa: SIM115 - the daemon's stdout for its lifetime
-    proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "run", "-c", str(path)], stdout=log, stderr=log,
-                            env=env, cwd=base)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if b'"daemon.ready"' in (base / "daemon.log").read_bytes():
-            return proc
-        time.sleep(0.05)
-    raise RuntimeError("daemon did not start: " + (base / "daemon.log").read_text()[-2000:])
+def start_daemon(cfg: dict, work: Path) -> subprocess.Popen:
+    return daemon_process.start_daemon(cfg, work, REPO)
 
 
 def decided(manifest: Path, source: str) -> str | None:

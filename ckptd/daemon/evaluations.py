@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from ckptd.daemon import evaluation_store as store
 from ckptd.daemon.evaluation_runner import EvaluationProcesses, input_checked, run_evaluation
 from ckptd.daemon.export_seam import Log
+from ckptd.daemon.idle import wait_idle
 from ckptd.daemon.ledger import Ledger, MemberRow
 from ckptd.daemon.soup import Outcome, SoupDecision, gated_uniform, greedy
 from ckptd.daemon.telemetry import Metrics
@@ -342,13 +343,12 @@ class EvaluationScheduler:
         return removed
 
     def busy(self) -> bool:
+        """Is an evaluation job running or waiting? (Retries and budget waits on timers do not count.)"""
         with self._lock:
             return bool(self._running or self._pending)
 
     def wait(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.busy() and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.05)
+        wait_idle(self.busy, timeout)
 
     def shutdown(self) -> None:
         with self._lock:

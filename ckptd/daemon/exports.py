@@ -16,7 +16,6 @@ import json
 import shutil
 import sqlite3
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ from ckptd.daemon.config import CoremlPolicy
 from ckptd.daemon.export_inputs import leftover_inputs, release_input, take_input
 from ckptd.daemon.export_seam import ExportRun, Log
 from ckptd.daemon.export_state import average_signature, coreml_block
+from ckptd.daemon.idle import wait_idle
 from ckptd.daemon.ledger import Ledger, MemberRow
 from ckptd.daemon.outputs import AVERAGE
 from ckptd.daemon.telemetry import Metrics
@@ -315,9 +315,7 @@ class ExportScheduler:
             return bool(self._running or self._pending)
 
     def wait(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.busy() and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.05)
+        wait_idle(self.busy, timeout)
 
     def shutdown(self) -> None:
         with self._lock:
