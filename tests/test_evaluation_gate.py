@@ -611,7 +611,7 @@ def test_a_restarted_daemon_kills_the_evaluators_a_killed_one_left_running_and_n
         evaluation_store.set_pid(ledger, row_id, proc.pid)  # row 3: the daemon died before its evaluator ran
     try:
         assert live_group_members(leader.pid)  # the helper
-        assert evaluation_store.abandon_running(ledger, "the daemon stopped") == 4
+        assert evaluation_store.abandon_running(ledger, "the daemon stopped") == (4, sorted([hung.pid, leader.pid]))
         assert hung.wait(timeout=10) == -signal.SIGKILL
         assert reused.poll() is None
         deadline = time.monotonic() + 10

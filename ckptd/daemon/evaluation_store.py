@@ -131,8 +131,9 @@ def evaluator_group_alive(pgid: int, row_id: int) -> bool:
     return any(_stat_pgrp(p) == pgid and _carries(p, marker) for p in pids)
 
 
-def abandon_running(ledger: Ledger, reason: str) -> int:
-    """At startup: rows left 'running' by a process that died; returns how many were marked abandoned. An
+def abandon_running(ledger: Ledger, reason: str) -> tuple[int, list[int]]:
+    """At startup: rows left 'running' by a process that died; returns how many were marked abandoned and the
+    process groups of the orphaned evaluators that were killed. An
     evaluator such a process left running (it runs in its own session, so it outlives a ``kill -9`` of the
     daemon) is killed with its process group first, so the redone evaluation never runs beside it. A grandchild
     that called ``setsid`` itself is out of reach (under systemd, ``KillMode=mixed`` and the cgroup end it)."""

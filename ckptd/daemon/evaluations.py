@@ -237,11 +237,12 @@ class EvaluationScheduler:
         self._failed_jobs: dict[Key, int] = {}  # consecutive jobs with a failed evaluation, per run
         self.retry_delays = RETRY_DELAYS
         self.stopping = False
-        left = store.abandon_running(ledger, "the daemon stopped while this evaluation ran (crash or kill); it is "
-                                             "redone if still needed")
+        left, killed = store.abandon_running(ledger, "the daemon stopped while this evaluation ran (crash or "
+                                                     "kill); it is redone if still needed")
         if left:
-            log.warning("evaluation.abandoned", count=left, reason="evaluation rows left 'running' by a previous "
-                        "daemon process marked abandoned")
+            log.warning("evaluation.abandoned", count=left, killed_process_groups=killed or None,
+                        reason="evaluation rows left 'running' by a previous daemon process marked abandoned"
+                        + (f"; {len(killed)} evaluator(s) it left running killed" if killed else ""))
 
     def count(self, result: str) -> None:
         if self.metrics is not None:
