@@ -133,10 +133,10 @@ def evaluator_group_alive(pgid: int, row_id: int) -> bool:
 
 def abandon_running(ledger: Ledger, reason: str) -> tuple[int, list[int]]:
     """At startup: rows left 'running' by a process that died; returns how many were marked abandoned and the
-    process groups of the orphaned evaluators that were killed. An
-    evaluator such a process left running (it runs in its own session, so it outlives a ``kill -9`` of the
-    daemon) is killed with its process group first, so the redone evaluation never runs beside it. A grandchild
-    that called ``setsid`` itself is out of reach (under systemd, ``KillMode=mixed`` and the cgroup end it)."""
+    process groups of the orphaned evaluators that were killed. An evaluator such a process left running (it runs
+    in its own session, so it outlives a ``kill -9`` of the daemon) is killed with its process group first, so the
+    redone evaluation never runs beside it. A grandchild that called ``setsid`` itself is out of reach (under
+    systemd, ``KillMode=mixed`` and the cgroup end it)."""
     rows = ledger.query("SELECT id, pid FROM evaluations WHERE status='running'")
     killed: set[int] = set()
     for row_id, pid in rows:
@@ -151,7 +151,7 @@ def abandon_running(ledger: Ledger, reason: str) -> tuple[int, list[int]]:
                             if row_id in killed else "")
             db.execute("UPDATE evaluations SET status='abandoned', reason=?, finished_at=? "
                        "WHERE id=? AND status='running'", (why, now, row_id))
-    return len(rows)
+    return len(rows), sorted(pid for row_id, pid in rows if row_id in killed)
 
 
 @dataclass(frozen=True)
