@@ -7,7 +7,10 @@ a content cache in the ledger (``evaluation_store``), and hands the decision to 
 publishes a new average or records why the candidate lost. Each evaluation process counts against the policy's
 ``evaluate.max_per_hour``; when the budget is spent the job stops and is requeued for when it frees up.
 Candidate averages are written under ``<output>/.candidates/`` (ckptd's own files, inside the output root) and
-removed when the job ends; one that wins is linked into the published generation first.
+removed when the job ends; one that wins is linked into the published generation first. The evaluator never gets
+one of them: each evaluation runs on its own scratch copy (``eval-<set>-<row>.safetensors``), deleted afterwards,
+so nothing it (or a process it leaves behind) does can reach a published file. A job that found a failed
+evaluation is retried after ``RETRY_DELAYS``.
 """
 
 from __future__ import annotations
