@@ -137,6 +137,7 @@ class RunProcessor:
         if last is None or (stored is not None and (stored.step or -1, stored.mtime_ns) > (last.step or -1,
                                                                                               last.mtime_ns)):
             last = stored
+        state = self._gate(state)
         averaged = gate.average_members(self, members, state)
         return build_manifest(self.ctx.watch.name, self.ctx.run, self.ctx.output, self.ctx.policy, members, last,
                               self.current_coreml() if coreml is None else coreml, stream=self.ctx.stream,
@@ -150,6 +151,7 @@ class RunProcessor:
         before the swap. Output write failures become :class:`OutputUnavailable`."""
         try:
             with self.manifest_lock:
+                state = self._gate(state)
                 publish(self.ctx.output, self.ctx.policy, members, manifest, best_changed=best_changed,
                         average_changed=average_changed, average_members=gate.average_members(self, members, state),
                         evaluated=evaluated, before_commit=before_commit)
@@ -176,6 +178,10 @@ class RunProcessor:
             manifest = self._manifest(members, coreml=coreml)
             if not manifest_unchanged(self.ctx.output, manifest):
                 self._publish(members, manifest, best_changed=False, average_changed=False)
+
+    def _gate(self, state: gate.GateState | None) -> gate.GateState | None:
+        """The gate's state, read once per manifest or publication (only a policy that evaluates has one)."""
+        return gate.load(self) if state is None and self.ctx.policy.evaluate.enabled else state
 
     def publish_evaluated_average(self, members: list[MemberRow], state: gate.GateState, evaluated: Path | None,
                                   before_commit: Callable[[], None]) -> None:
