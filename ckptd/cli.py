@@ -88,12 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     from ckptd.cli_daemon import add_daemon_commands
 
     add_daemon_commands(sub)
+    from ckptd.cli_worker import add_worker_command
+
+    add_worker_command(sub)
     return parser
 
 
 # commands that run for long and log as they go: a closed log pipe must not kill them (Python's default: SIGPIPE
 # ignored, a write raises BrokenPipeError, which they handle or report)
-LONG_RUNNING = frozenset({"run", "once", "demo"})
+LONG_RUNNING = frozenset({"run", "once", "demo", "worker"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

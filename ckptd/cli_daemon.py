@@ -79,6 +79,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ckptd.daemon.status import terminal_safe
     from ckptd.daemon.watcher import watch_summary
     from ckptd.errors import CkptdError
+    from ckptd.remote.display import shown_output, shown_path
 
     config = _load(args.config)
     if getattr(args, "explain", False):
@@ -97,7 +98,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = 0
     for watch in config.watches:
         info = watch_summary(watch)
-        say(f"watch {watch.name}: {watch.root} ({info['fstype'] or '?'}, {info['mode']} mode), "
+        say(f"watch {watch.name}: {info['root']} ({info['fstype'] or '?'}, {info['mode']} mode), "
             f"runs '{watch.runs}', policy {watch.policy}, settle {watch.settle:g}s")
         runs = list_runs(watch)
         if not runs:
@@ -105,7 +106,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         for run_dir in runs:
             try:
                 name = run_name(watch.root, run_dir)
-                say(f"  run {name}: {run_dir} -> {resolve_output(watch.output, watch.name, name)}")
+                output = shown_output(watch, name, resolve_output(watch.output, watch.name, name))
+                say(f"  run {name}: {shown_path(watch, run_dir)} -> {output}")
                 plan = run_plan(watch, config.policy_for(watch), run_dir)
                 say(f"    trainer {plan.trainer}: {plan.detected_because}; streams "
                     + ", ".join(s.name for s in plan.streams))
@@ -113,7 +115,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                     say(f"    PROBLEM: {problem}")
             except CkptdError as exc:
                 problems += 1
-                say(f"  run {run_dir}: SKIPPED: {exc}")
+                say(f"  run {shown_path(watch, run_dir)}: SKIPPED: {exc}")
     return 0 if not problems else 1
 
 

@@ -13,23 +13,27 @@ meta placeholders in for the other tensors; :meth:`DcpFolder.materialize` then l
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import math
+import os
 import pickle
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta, TensorStorageMetadata
 
 from ckptd.errors import CheckpointError
 from ckptd.file_source import EAGER_BYTES, FileSource, HeldSources
 from ckptd.formats import CheckpointFormat, detect_format
+from ckptd.input_files import open_binary, open_input
 from ckptd.restricted_pickle import DATA_ONLY_GLOBALS
 from ckptd.safe_load import first_line, resolve_globals, unsafe_or_corrupt
 
@@ -94,7 +98,7 @@ class DcpFolder(HeldSources):
     def _open(self) -> None:
         for f in sorted(self.path.iterdir()):
             if f.is_file():
-                self.sources.append(FileSource(f))
+                self.sources.append(open_input(f))
         meta_source = next(s for s in self.sources if s.path.name == ".metadata")
         self.metadata = read_dcp_metadata(meta_source)
         entries = getattr(self.metadata, "state_dict_metadata", None)
@@ -238,11 +242,26 @@ def _put(node: Any, key: str | int, value: Any) -> None:
         raise TypeError(f"key {key!r} in a {type(node).__name__}")
 
 
+class _InputFiles(FileSystem):
+    """DCP's file access with reads through :func:`ckptd.input_files.open_binary` (an object-store watch's stub
+    reads its object; a local file opens as before)."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        if mode != "rb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with open_binary(path) as stream:
+            yield stream
+
+
 class _Reader(FileSystemReader):
     """FileSystemReader whose ``read_metadata`` returns the metadata we already unpickled safely."""
 
     def __init__(self, path: Path, metadata: Any) -> None:
         super().__init__(str(path))
+        self.fs = _InputFiles()
         self._metadata = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:

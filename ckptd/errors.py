@@ -85,3 +85,15 @@ class OutputPathError(CkptdError):
 
 class ExportError(CkptdError):
     """A model export failed (factory, capture, conversion, verification or timeout)."""
+
+
+class LeaseLost(CkptdError):
+    """This daemon no longer holds the run's lease (it expired, or another daemon sharing the ledger took the run
+    over): the publication it was committing is rolled back, the run is left to the current holder."""
+
+    def __init__(self, watch: str, run: str, holder: str, current: str | None = None) -> None:
+        self.watch, self.run, self.holder, self.current = watch, run, holder, current
+        now = f"it is now held by {current}" if current and current != holder else "its lease expired"
+        super().__init__(f"run {watch}/{run}: {holder} lost the run's lease ({now}); nothing was published, the "
+                         "run is left to the daemon holding it (a daemon that stalls longer than lease_ttl loses "
+                         "its runs)")

@@ -14,6 +14,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from ckptd.errors import CheckpointError
+from ckptd.remote.mirror import lookup
+
 JSON_LIMIT = 64 * 1024 * 1024  # trainer_state.json of a long run is a few MB; anything near this is not one
 
 
@@ -61,6 +64,29 @@ def read_json(path: str | Path, limit: int = JSON_LIMIT) -> Any:
     """A small JSON file, read safely: regular files only (opened non-blocking, so a FIFO swapped in cannot hang
     the reader), at most ``limit`` bytes, nesting that cannot exhaust the stack. Raises OSError or ValueError
     with a reason."""
+    # a mirror stub (a large object of an object-store watch) is read from the object
+    raw = _read_object(path, limit) if lookup(path) is not None else _read_regular(path, limit)
+    if len(raw) > limit:
+        raise ValueError(f"grew past {limit} bytes while being read")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("is nested too deeply to be a JSON file ckptd reads") from None
+
+
+def _read_object(path: str | Path, limit: int) -> bytes:
+    from ckptd.input_files import open_binary
+
+    if os.stat(path).st_size > limit:
+        raise ValueError(f"is {os.stat(path).st_size} bytes, more than the {limit} a JSON file here may have")
+    try:
+        with open_binary(path) as fh:
+            return fh.read(limit + 1)
+    except CheckpointError as exc:  # the store failed or the object changed: a read error, like a local one
+        raise OSError(exc.reason) from None
+
+
+def _read_regular(path: str | Path, limit: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         st = os.fstat(fd)
@@ -72,9 +98,4 @@ def read_json(path: str | Path, limit: int = JSON_LIMIT) -> Any:
             raw = fh.read(limit + 1)
     finally:
         os.close(fd)
-    if len(raw) > limit:
-        raise ValueError(f"grew past {limit} bytes while being read")
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise ValueError("is nested too deeply to be a JSON file ckptd reads") from None
+    return raw

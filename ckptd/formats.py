@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ckptd.errors import CheckpointError, IncompleteCheckpointError
+from ckptd.input_files import open_binary
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".pkl")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -83,7 +84,7 @@ def detect_format(path: str | Path) -> CheckpointFormat:
         )
     try:
         size = p.stat().st_size
-        with open(p, "rb") as fh:
+        with open_binary(p) as fh:
             head = fh.read(16)
     except OSError as exc:
         raise CheckpointError(p, f"cannot be read: {exc.strerror or exc}") from exc
@@ -123,7 +124,7 @@ def check_complete(path: str | Path) -> CheckpointFormat:
 
 def _check_zip(p: Path) -> None:
     try:
-        with zipfile.ZipFile(p) as zf:
+        with open_binary(p) as fh, zipfile.ZipFile(fh) as zf:
             names = zf.namelist()
     except zipfile.BadZipFile as exc:
         raise IncompleteCheckpointError(
@@ -140,7 +141,7 @@ def safetensors_header(path: str | Path) -> dict:
     p = Path(path)
     try:
         size = p.stat().st_size
-        with open(p, "rb") as fh:
+        with open_binary(p) as fh:
             header, _ = parse_safetensors_header(p, size, lambda offset, n: (fh.seek(offset), fh.read(n))[1])
     except OSError as exc:
         raise CheckpointError(p, f"cannot be read: {exc}") from exc

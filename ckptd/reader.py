@@ -30,6 +30,7 @@ import torch
 from ckptd.errors import CheckpointChangedError, CheckpointError, WeightsNotFoundError
 from ckptd.file_source import FileSource, HeldSources, LazyTensors
 from ckptd.formats import CheckpointFormat, detect_format, hf_index_file, hf_shard_files, hf_weight_file
+from ckptd.input_files import open_input
 from ckptd.layouts import DEFAULT_STRIP_PREFIXES, FoundWeights, find_model_weights
 from ckptd.safe_load import resolve_globals
 from ckptd.safetensors_io import as_bytes_view, read_safetensors_placeholders
@@ -81,7 +82,7 @@ class _Files(HeldSources):
         self.lazy = LazyTensors()
 
     def open(self, path: Path) -> FileSource:
-        source = FileSource(path)
+        source = open_input(path)
         self.sources.append(source)
         return source
 

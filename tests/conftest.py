@@ -59,3 +59,7 @@ def train_a_bit(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 2) ->
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+# real servers started by the tests themselves (moto S3/SQS; PostgreSQL): fixtures live beside this file
+pytest_plugins = ["tests.s3_server", "tests.pg_server"]

@@ -149,7 +149,7 @@ def test_json_keeps_every_field_and_adds_activity_errors_and_evaluation(fleet: F
     assert [(r["watch"], r["run"]) for r in rows] == sorted((r["watch"], r["run"]) for r in rows)  # as before
     old = {"watch", "run", "run_dir", "output", "mode", "best", "members", "checkpoints", "invalid", "last_invalid",
            "last_event", "last_event_at", "last_error", "last_error_at", "export", "stream"}
-    new = {"top_k", "last_ok_at", "last_activity_at", "has_error", "evaluation"}
+    new = {"top_k", "last_ok_at", "last_activity_at", "has_error", "evaluation", "holder", "held_since"}
     for row in rows:
         assert set(row) == old | new, set(row) ^ (old | new)
         assert row["evaluation"] is None  # no evaluation recorded in this ledger

@@ -5,9 +5,10 @@ Shape (contract, DESIGN.md §3): ``state_dict``, ``log``, ``watches[]``, ``polic
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -27,7 +28,14 @@ from ckptd.daemon.config_checks import (
     check_str,
     check_str_list,
 )
-from ckptd.daemon.config_coreml import CoremlPolicy, InputSpec, parse_coreml  # noqa: F401 (re-exported)
+from ckptd.daemon.config_coreml import (  # noqa: F401 (re-exported)
+    EXPORT_KEYS,
+    CoremlPolicy,
+    InputSpec,
+    check_queue_needs,
+    parse_coreml,
+    with_executor,
+)
 from ckptd.daemon.config_evaluate import (
     STRATEGIES,
     EvaluatePolicy,
@@ -35,8 +43,12 @@ from ckptd.daemon.config_evaluate import (
     check_margin,
     parse_evaluate,
 )
+from ckptd.daemon.ledger_db import LEDGER_NAME, is_pg
+from ckptd.daemon.ledger_db import check_target as check_ledger_target
 from ckptd.errors import ConfigError
 from ckptd.metric_sources import ValueSource, parse_source
+from ckptd.remote.urls import EXTRAS, is_remote, local_path, scheme
+from ckptd.remote.watch_config import check_local_only, mirrored_root, remote_watch
 from ckptd.trainers import PRESETS, STREAM_NAMES, TRAINERS, PlanSettings, RunPlan, plan_run
 from ckptd.trainers.presets import PLAIN_INCLUDE, PLAIN_METRIC, PLAIN_STEP
 from ckptd.units import parse_duration
@@ -152,6 +164,15 @@ class Watch:
     allow_output_in_root: bool = False
     trainer: str = "auto"  # a preset name (ckptd/trainers/presets.py) or auto
     explicit: frozenset[str] = frozenset()  # keys the user set ("include"): they win over the preset
+    # ``output: s3://bucket/out/{run}``: the URL template (``output`` is then the local staging template
+    # ``<state_dir>/staging/<watch>/{run}``, published to the URL by ckptd.daemon.remote_publish)
+    remote_output: str = ""
+    # fsspec options of the watch's object store (root and output), e.g. {endpoint_url: ...}; never logged
+    storage_options: Mapping[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    # ``root: s3://bucket/prefix``: the URL (``root`` is then the mirror ``<state_dir>/mirror/<watch>``, see
+    # ckptd.remote.mirror; the mode is poll) and the SQS queue whose notifications trigger earlier listings
+    remote: str = ""
+    sqs_queue: str = ""
 
     @property
     def output_root(self) -> Path:
@@ -170,6 +191,8 @@ class Config:
     rescan_interval: float = 300.0
     shutdown_deadline: float = 30.0
     metrics: MetricsConfig = MetricsConfig()
+    ledger: str = ""  # a postgresql:// URL or a SQLite file path; parse_config fills in state_dir/ledger.sqlite3
+    lease_ttl: float = 30.0  # seconds a run's lease lasts without a heartbeat (several daemons, one ledger)
 
     def policy_for(self, watch: Watch) -> Policy:
         return self.policies[watch.policy]
@@ -217,8 +240,8 @@ def _policy(name: str, data: Any, problems: Problems) -> Policy:
         dtype=mo.get("dtype", "keep", check_choice(*DTYPES), " or ".join(DTYPES)),
         formats=mo.get("formats", ("safetensors",), check_formats, "a list of safetensors and/or pt"),
     )
-    ex = Section(sec.data.get("export"), f"{path}.export", problems, ("coreml",))
-    coreml = parse_coreml(ex.data.get("coreml"), f"{path}.export.coreml", problems)
+    ex = Section(sec.data.get("export"), f"{path}.export", problems, EXPORT_KEYS)
+    coreml = with_executor(parse_coreml(ex.data.get("coreml"), f"{path}.export.coreml", problems), ex)
     evaluate = parse_evaluate(sec.data.get("evaluate"), f"{path}.evaluate", problems)
     check_evaluation_needs(path, evaluate, average.strategy, average.gate, coreml.source, problems)
     h = Section(sec.data.get("hooks"), f"{path}.hooks", problems,
@@ -253,10 +276,12 @@ def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any],
     path = f"watches[{i}]"
     sec = Section(data, path, problems, ("name", "root", "runs", "include", "exclude", "mode", "poll_interval",
                                           "settle", "output", "policy", "max_depth", "allow_output_in_root",
-                                          "trainer"))
+                                          "trainer", "storage_options", "events"))
     name = sec.required("name", check_str, "a name")
     root = sec.required("root", check_str, "a directory path")
+    root = local_path(root) if root else root  # file:///srv/train is a plain path
     output = sec.required("output", check_str, "a path template like /srv/ckptd/{watch}/{run}")
+    output = local_path(output) if output else output  # file:///srv/out/{run} is a plain path
     defaults = Watch(name="", root=Path("."))
     watch = Watch(
         name=name or f"watch{i}",
@@ -273,10 +298,16 @@ def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any],
         allow_output_in_root=sec.get("allow_output_in_root", False, check_bool, "true or false"),
         trainer=sec.get("trainer", "auto", check_choice(*TRAINERS), " | ".join(TRAINERS)),
         explicit=frozenset(k for k in ("include",) if k in sec.data),
+        storage_options=sec.get("storage_options", {}, _check_options, "a mapping of fsspec options"),
     )
     if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         problems.add(f"{path}.name", "use letters, digits, '.', '_' or '-' (it is used in paths)")
-    if root:
+    if root and is_remote(root):  # listed through a mirror; nothing is listed (no network) at config time
+        _check_store(root, f"{path}.root", problems)
+        watch = remote_watch(watch, root, sec.data, path, problems)
+    else:
+        check_local_only(sec.data, path, problems)
+    if root and not watch.remote:
         if not Path(root).is_absolute():
             problems.add(f"{path}.root", f"must be an absolute path, not {root!r}")
         elif check_paths and not Path(root).is_dir():
@@ -287,15 +318,40 @@ def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any],
             problems.add(f"{path}.output", f"only {{watch}} and {{run}} may be used, not {sorted(placeholders)}")
         if watch.runs != "." and "run" not in placeholders:
             problems.add(f"{path}.output", "must contain {run} when runs is a glob (each run needs its own outputs)")
-        if not Path(output).is_absolute():
+        if is_remote(output):
+            _check_store(output, f"{path}.output", problems)
+        elif not Path(output).is_absolute():
             problems.add(f"{path}.output", "must be an absolute path template")
-        elif root and not watch.allow_output_in_root:
+        elif root and not watch.remote and not watch.allow_output_in_root:
             out_root = Path(output.split("{", 1)[0]).resolve()
             if out_root == Path(root).resolve() or Path(root).resolve() in out_root.parents:
                 problems.add(f"{path}.output", "is inside the training root; set allow_output_in_root: true if meant")
     if watch.policy not in policies and watch.policy != "default":
         problems.add(f"{path}.policy", f"no policy named {watch.policy!r} (defined: {', '.join(policies) or 'none'})")
     return watch
+
+
+def _check_options(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError("expected a mapping")
+    return {str(k): v for k, v in value.items()}
+
+
+def _check_store(url: str, key: str, problems: Problems) -> None:
+    """An object-store URL needs its fsspec package (found without importing it: config checks stay fast)."""
+    extra = EXTRAS.get(scheme(url) or "")
+    module = {"s3": "s3fs", "gcs": "gcsfs"}.get(extra or "")
+    if module and importlib.util.find_spec(module) is None:
+        problems.add(key, f"{scheme(url)}:// needs the object-store support: pip install 'ckptd[{extra}]'")
+
+
+def _staged_output(watch: Watch, state_dir: Path) -> Watch:
+    """An object-store ``output`` is staged locally (generations and links as for a local output) and published
+    from there: the pipeline sees the staging template, ``remote_output`` keeps the URL."""
+    if not is_remote(watch.output):
+        return watch
+    staging = str(state_dir / "staging" / watch.name / "{run}")
+    return replace(watch, output=staging, remote_output=watch.output)
 
 
 def _check_trainer_needs(i: int, watch: Watch, policies: Mapping[str, Policy], problems: Problems) -> None:
@@ -342,7 +398,8 @@ def parse_config(data: Any, source: str = "<config>", *, check_paths: bool = Tru
     watch root is away (an unmounted share)."""
     problems = Problems()
     top = Section(data, "", problems, ("state_dir", "log", "watches", "policies", "max_parallel_runs",
-                                        "rescan_interval", "shutdown_deadline", "metrics"))
+                                        "rescan_interval", "shutdown_deadline", "metrics", "ledger",
+                                        "lease_ttl"))
     mt = Section(top.data.get("metrics"), "metrics", problems, ("listen", "textfile", "status_page"))
     metrics = MetricsConfig(listen=mt.get("listen", "", check_listen, "host:port, e.g. 127.0.0.1:9478"),
                             textfile=mt.get("textfile", "", lambda v: "" if v in ("", None) else check_str(v),
@@ -369,6 +426,8 @@ def parse_config(data: Any, source: str = "<config>", *, check_paths: bool = Tru
         raw_watches = []
     watches = [w for i, item in enumerate(raw_watches)
                if (w := _watch(i, item, problems, raw_policies, check_paths))]
+    watches = [_staged_output(w, Path(state_dir or ".")) for w in watches]
+    watches = [mirrored_root(w, Path(state_dir or ".")) for w in watches]
     for i, w in enumerate(watches):
         _check_trainer_needs(i, w, policies, problems)
     names = [w.name for w in watches]
@@ -384,7 +443,13 @@ def parse_config(data: Any, source: str = "<config>", *, check_paths: bool = Tru
         rescan_interval=top.get("rescan_interval", 300.0, parse_duration, "a duration like 5m"),
         shutdown_deadline=top.get("shutdown_deadline", 30.0, parse_duration, "a duration like 30s"),
         metrics=metrics,
+        ledger=(top.get("ledger", "", check_ledger_target, "a postgresql://user@host/db URL or an absolute path")
+                or str(Path(state_dir or ".") / LEDGER_NAME)),
+        lease_ttl=top.get("lease_ttl", 30.0, parse_duration, "a duration like 30s"),
     )
+    if config.lease_ttl <= 0:
+        problems.add("lease_ttl", "must be longer than 0s")
+    check_queue_needs({n: p.coreml for n, p in policies.items()}, is_pg(config.ledger), problems)
     if state_dir and not Path(state_dir).is_absolute():
         problems.add("state_dir", "must be an absolute path")
     if problems.items:

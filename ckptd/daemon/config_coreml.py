@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -55,7 +55,36 @@ class CoremlPolicy:
     author: str = ""
     version: str = ""
     description: str = ""
+    executor: str = "local"  # policies.<p>.export.executor: local (a child of the daemon) | queue (ckptd worker)
+    capability: str = ""  # policies.<p>.export.capability: "" (any worker) | macos (CoreML predict parity)
 
+
+EXECUTORS = ("local", "queue")
+CAPABILITIES = ("", "macos")
+EXPORT_KEYS = ("coreml", "executor", "capability")  # the keys of policies.<p>.export
+
+
+def with_executor(policy: CoremlPolicy, export: Section) -> CoremlPolicy:
+    """``policies.<p>.export.executor`` and ``.capability`` (siblings of ``coreml``): where the export runs."""
+    executor = export.get("executor", "local", check_choice(*EXECUTORS),
+                          "local (a child process of the daemon) or queue (a `ckptd worker`, needs a PostgreSQL "
+                          "ledger)")
+    capability = export.get("capability", "", lambda v: check_choice(*CAPABILITIES)("" if v is None else v),
+                            "'' (any worker) or macos (a `ckptd worker --capability macos`)")
+    if capability and executor != "queue":
+        export.problems.add(export.key("capability"), "only applies to executor: queue (workers have capabilities)")
+    return replace(policy, executor=executor, capability=capability)
+
+
+def check_queue_needs(policies: Mapping[str, CoremlPolicy], ledger_is_pg: bool, problems: Problems) -> None:
+    """``executor: queue`` needs the PostgreSQL ledger: the queue (procrastinate) lives in that database."""
+    if ledger_is_pg:
+        return
+    for name, policy in policies.items():
+        if policy.enabled and policy.executor == "queue":
+            problems.add(f"policies.{name}.export.executor",
+                         "queue needs a PostgreSQL ledger (top-level `ledger: postgresql://user@host:port/db`): "
+                         "the export queue lives in that database, shared by the daemons and `ckptd worker`")
 
 
 def parse_coreml(data: Any, path: str, problems: Problems) -> CoremlPolicy:

@@ -18,9 +18,11 @@ from ckptd.atomic import TEMP_PREFIX
 from ckptd.daemon.config import Watch
 from ckptd.file_checks import refusal
 from ckptd.formats import HF_ADAPTER_FILES, HF_MODEL_FILES
+from ckptd.remote.mirror import is_mirrored
 from ckptd.trainers import RunPlan
 
 HF_TRAINER_STATE = "trainer_state.json"
+COMMIT_MARKER = "commit_success"  # Orbax-style: commit_success or commit_success.txt, written last
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,10 @@ def checkpoint_folder_kind(path: Path) -> str | None:
 def observe_folder(path: Path, kind: str) -> Observation | None:
     """A folder checkpoint as one candidate. DCP: ``.metadata`` must be newer than every shard (a reused folder
     keeps an old one while new shards are written). HF Trainer ``checkpoint-N``: ``trainer_state.json`` is written
-    last, so the folder is complete only once it exists (then the settle window applies)."""
-    size, newest, marker_mtime = 0, 0, 0
+    last, so the folder is complete only once it exists (then the settle window applies). An Orbax-style
+    ``commit_success`` marker, where the writer leaves one, is the commit: complete once it is newer than the rest.
+    In an object-store mirror, mtimes are whole seconds (plus an ETag hash), so "newer" compares seconds there."""
+    size, newest, marker_mtime, data_newest, commit_mtime = 0, 0, 0, 0, 0
     has_state = False
     try:
         for entry in os.scandir(path):
@@ -82,12 +86,23 @@ def observe_folder(path: Path, kind: str) -> Observation | None:
             st = entry.stat(follow_symlinks=False)
             size += st.st_size
             newest = max(newest, st.st_mtime_ns)
+            if entry.name.startswith(COMMIT_MARKER):
+                commit_mtime = max(commit_mtime, st.st_mtime_ns)
+                continue
+            data_newest = max(data_newest, st.st_mtime_ns)
             if (kind == "dcp" and entry.name == ".metadata") or (kind == "hf" and entry.name.endswith(".index.json")):
                 marker_mtime = max(marker_mtime, st.st_mtime_ns)
             has_state = has_state or entry.name == HF_TRAINER_STATE
     except OSError:
         return None
-    commit_ok = marker_mtime >= newest if kind == "dcp" else has_state or not path.name.startswith("checkpoint-")
+    if is_mirrored(path):  # whole seconds: a marker written in the same second as the data counts as newer
+        marker_mtime, data_newest, commit_mtime = (t // 1_000_000_000 for t in (marker_mtime, data_newest,
+                                                                                 commit_mtime))
+    if commit_mtime:
+        commit_ok = commit_mtime >= data_newest
+    else:
+        commit_ok = marker_mtime >= data_newest if kind == "dcp" \
+            else has_state or not path.name.startswith("checkpoint-")
     return Observation(path=path, size=size, mtime_ns=newest, is_dir=True, commit_ok=commit_ok)
 
 

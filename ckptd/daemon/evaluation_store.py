@@ -70,11 +70,13 @@ def history(ledger: Ledger, watch: str, run: str, stream: str) -> list[Evaluatio
 
 
 def started(ledger: Ledger, watch: str, run: str, stream: str, kind: str, key: str, members: Sequence[str]) -> int:
+    """A 'running' row held by this process (``ledger.holder``); returns its id."""
     with ledger.transaction() as db:
-        cur = db.execute("INSERT INTO evaluations (watch, run, stream, kind, key, members, status, started_at) "
-                         "VALUES (?,?,?,?,?,?, 'running', ?)",
-                         (watch, run, stream, kind, key, json.dumps(list(members)), time.time()))
-        return int(cur.lastrowid or 0)
+        row = db.execute("INSERT INTO evaluations (watch, run, stream, kind, key, members, status, started_at, "
+                         "holder) VALUES (?,?,?,?,?,?, 'running', ?, ?) RETURNING id",
+                         (watch, run, stream, kind, key, json.dumps(list(members)), time.time(),
+                          ledger.holder)).fetchone()
+        return int(row[0])
 
 
 def set_pid(ledger: Ledger, row_id: int, pid: int) -> None:
@@ -136,22 +138,33 @@ def abandon_running(ledger: Ledger, reason: str) -> tuple[int, list[int]]:
     process groups of the orphaned evaluators that were killed. An evaluator such a process left running (it runs
     in its own session, so it outlives a ``kill -9`` of the daemon) is killed with its process group first, so the
     redone evaluation never runs beside it. A grandchild that called ``setsid`` itself is out of reach (under
-    systemd, ``KillMode=mixed`` and the cgroup end it)."""
-    rows = ledger.query("SELECT id, pid FROM evaluations WHERE status='running'")
+    systemd, ``KillMode=mixed`` and the cgroup end it).
+
+    Only rows surely orphaned are touched (:meth:`Ledger.orphan_filter`: on a PostgreSQL ledger other daemons'
+    evaluations run beside ours), and only evaluators of this host are killed (a pid names a process of the host
+    that started it)."""
+    from ckptd.daemon.leases import host_of
+
+    where, args = ledger.orphan_filter("evaluations")
+    rows = [(r[0], r[1], r[2]) for r in ledger.query(
+        f"SELECT id, pid, holder FROM evaluations WHERE status='running' AND ({where})", args)]
+    here = host_of(ledger.holder)
     killed: set[int] = set()
-    for row_id, pid in rows:
+    for row_id, pid, holder in rows:
+        if holder is not None and host_of(holder) != here:
+            continue
         if pid and pid > 1 and pid != os.getpgrp() and evaluator_group_alive(pid, row_id):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
                 killed.add(row_id)
     now = time.time()
     with ledger.transaction() as db:
-        for row_id, pid in rows:
+        for row_id, pid, _ in rows:
             why = reason + (f"; its evaluator (process group {pid}) was still running and was killed"
                             if row_id in killed else "")
             db.execute("UPDATE evaluations SET status='abandoned', reason=?, finished_at=? "
                        "WHERE id=? AND status='running'", (why, now, row_id))
-    return len(rows), sorted(pid for row_id, pid in rows if row_id in killed)
+    return len(rows), sorted(pid for row_id, pid, _ in rows if row_id in killed)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ckptd.atomic import TEMP_PREFIX
 from ckptd.daemon.config import CoremlPolicy
@@ -33,6 +33,10 @@ from ckptd.daemon.outputs import AVERAGE
 from ckptd.daemon.telemetry import Metrics
 from ckptd.export.request import ExportRequest, ExportResult
 from ckptd.export.runner import VERSIONS_DIR, ExportProcesses, publish_package, run_export, staging_path
+from ckptd.queue.client import live_files
+
+if TYPE_CHECKING:
+    from ckptd.queue.client import QueueExports
 
 RETRY_DELAYS: tuple[float, ...] = (30.0, 120.0, 600.0)  # after the 1st, 2nd, 3rd+ failure (the last one repeats)
 Key = tuple[str, str, str, str]  # (watch, run, stream, output): one export at a time per published package
@@ -96,6 +100,7 @@ class ExportScheduler:
         self._retry: dict[Key, tuple[ExportJob, threading.Timer]] = {}
         self._staging: dict[Key, Path] = {}
         self._processes = ExportProcesses()
+        self._queue: QueueExports | None = None  # executor: queue (ckptd.queue.client), opened at first use
         self.stopping = False
         left = ledger.abandon_running_exports("the daemon stopped while this export ran (crash or kill); "
                                               "the export is redone if it is still current")
@@ -126,6 +131,9 @@ class ExportScheduler:
             return None
 
     def _request(self, job: ExportJob) -> None:
+        if job.run.ctx.policy.coreml.executor == "queue":
+            self._enqueue(job)
+            return
         key = job.key
         log = job.run.log
         with self._lock:
@@ -158,6 +166,22 @@ class ExportScheduler:
                              reason=f"a newer request ({job.source}) arrived before it ran; dropped, not exported")
                 return
             self._start(key, job)
+
+    def _enqueue(self, job: ExportJob) -> None:
+        """``executor: queue``: a `ckptd worker` exports it (see ckptd.queue.client); nothing runs here."""
+        from ckptd.queue.client import QueueExports
+
+        with self._lock:
+            if self.stopping or self.ledger.dialect != "postgresql":
+                release_input(job.input)
+                if not self.stopping:
+                    job.run.log.error("export.not_requested", checkpoint=job.source, reason="executor: queue needs "
+                                      "a PostgreSQL ledger (`ledger: postgresql://...`)")
+                return
+            if self._queue is None:
+                self._queue = QueueExports(str(self.ledger.target), self.ledger, self.log, self.metrics)
+            queue = self._queue
+        queue.request(job)
 
     def _start(self, key: Key, job: ExportJob) -> None:
         """Run ``job`` now (lock held). Submitting under the lock makes it atomic with ``shutdown``."""
@@ -206,6 +230,12 @@ class ExportScheduler:
                 self.ledger.export_finished(export_id, "abandoned", reason="the daemon stopped; redone on restart")
                 finished = "abandoned"
                 log.info("export.abandoned", reason="the daemon is stopping; the export is redone on restart")
+                return "stopped"
+            if not getattr(job.run, "lease_held", lambda: True)():  # several daemons: only the run's holder publishes
+                self.ledger.export_finished(export_id, "abandoned", reason="the run's lease was lost to another "
+                                            "daemon; that daemon exports its own best")
+                finished = "abandoned"
+                log.warning("export.abandoned", reason="the run's lease was lost to another daemon: not published")
                 return "stopped"
             if result.status == "ok" or (result.status == "partial" and policy.publish_partial):
                 version = publish_package(staging, ctx.output, label=job.sha256[:12], keep=policy.keep)
@@ -295,16 +325,17 @@ class ExportScheduler:
     def reconcile_inputs(self, output: Path) -> list[Path]:
         """Remove inputs and staging packages under ``output`` that no waiting, running or retrying job holds."""
         removed: list[Path] = []
+        queued, staged = live_files(self.ledger, output) if self.ledger.dialect == "postgresql" else (set(), ())
         with self._lock:  # held throughout: no job can register a file between the check and the removal
             jobs = [*self._running.values(), *self._pending.values(), *(j for j, _ in self._retry.values())]
-            for path in leftover_inputs(output, {j.input for j in jobs}):
+            for path in leftover_inputs(output, {j.input for j in jobs} | queued):
                 release_input(path)
                 removed.append(path)
             versions = output / VERSIONS_DIR
             live = set(self._staging.values())
             if versions.is_dir():
                 for path in versions.iterdir():
-                    if path.name.startswith(TEMP_PREFIX) and path not in live:
+                    if path.name.startswith(TEMP_PREFIX) and path not in live and not path.name.startswith(staged):
                         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                         removed.append(path)
         return removed
@@ -329,3 +360,5 @@ class ExportScheduler:
             self._retry.clear()
         self._processes.kill_all()
         self._pool.shutdown(wait=True)
+        if self._queue is not None:
+            self._queue.shutdown()  # queued jobs stay queued: workers do not depend on this daemon

@@ -2,18 +2,18 @@
 
 Every checkpoint the daemon saw, in the order it first saw them, with the decision taken (its status) and why;
 every export attempt and its result; every evaluation when the ledger has that table. Like ``ckptd status`` it
-only reads (``mode=ro``) and imports nothing heavy.
+only reads (SQLite ``mode=ro``, PostgreSQL read-only transactions) and imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import difflib
-import sqlite3
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from ckptd.daemon.ledger_db import Database
 from ckptd.daemon.policy import Record, ranked
 from ckptd.daemon.status import (
     evaluation_dict,
@@ -37,14 +37,14 @@ class AmbiguousRunError(CkptdError):
     """A bare run name that several watches have; ``ckptd history`` exits 2 (name the watch)."""
 
 
-def _known(db: sqlite3.Connection | None) -> list[tuple[str, str]]:
+def _known(db: Database | None) -> list[tuple[str, str]]:
     if db is None:
         return []
     return [(r[0], r[1]) for r in db.execute("SELECT watch, run FROM runs UNION SELECT watch, run FROM checkpoints "
                                              "ORDER BY 1, 2")]
 
 
-def resolve_run(known: list[tuple[str, str]], watch: str | None, run: str, where: Path) -> tuple[str, str]:
+def resolve_run(known: list[tuple[str, str]], watch: str | None, run: str, where: Path | str) -> tuple[str, str]:
     """``run`` is ``watch/run`` or a bare run name (run names never contain ``/``: ckptd flattens them)."""
     prefix, _, name = run.rpartition("/")
     if prefix and watch is not None and prefix != watch:
@@ -85,16 +85,16 @@ def collect_history(config: Any, watch: str | None, run: str, stream: str = "mod
         return _read(db, config, watch, run, stream)
 
 
-def _read(db: sqlite3.Connection, config: Any, watch: str, run: str, stream: str) -> dict[str, Any]:
+def _read(db: Database, config: Any, watch: str, run: str, stream: str) -> dict[str, Any]:
     sel, _ = stream_columns(db)
-    where = f"SELECT * FROM (SELECT {sel}, {{cols}} FROM {{table}}) WHERE watch=? AND run=? AND stream=?"
+    where = f"SELECT * FROM (SELECT {sel}, {{cols}} FROM {{table}}) AS t WHERE watch=? AND run=? AND stream=?"
     args = (watch, run, stream)
     checkpoints = db.execute(where.format(cols="id, path, step, metric, status, reason, first_seen, updated_at",
                                           table="checkpoints") + " ORDER BY first_seen, id", args).fetchall()
     has_run = db.execute(where.format(cols="1", table="runs"), args).fetchone()
     if not checkpoints and not has_run:
         streams = sorted({r[0] for r in db.execute(
-            "SELECT stream FROM (SELECT " + sel + " FROM runs UNION SELECT " + sel + " FROM checkpoints) "
+            "SELECT stream FROM (SELECT " + sel + " FROM runs UNION SELECT " + sel + " FROM checkpoints) AS t "
             "WHERE watch=? AND run=?", (watch, run))})
         raise UnknownRunError(f"run {watch}/{run} has no stream {stream!r} (it has: {', '.join(streams)})")
     mode = run_mode(config, watch)

@@ -1,4 +1,8 @@
-"""The ledger: a SQLite database (WAL) in ``state_dir`` recording every checkpoint seen, members and exports.
+"""The ledger: every checkpoint seen, members, exports, evaluations and run leases, in a database.
+
+Default: a SQLite database (WAL) in ``state_dir``, for one daemon. Several daemons (on several hosts) share one
+PostgreSQL ledger (the config's ``ledger: postgresql://…``) and split the runs between them under leases
+(:mod:`ckptd.daemon.leases`). Both run the same SQL through :mod:`ckptd.daemon.ledger_db`.
 
 It lets a restart resume without redoing work, and lets ``ckptd status`` read state while the daemon runs.
 It is not the only copy of the truth: member files carry their provenance, so a lost ledger is rebuilt.
@@ -15,65 +19,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptd.daemon.ledger_db import (
+    BASE_SCHEMA,
+    LEDGER_NAME,
+    SCHEMA_VERSION,
+    Database,
+    LedgerConnectError,
+    Target,
+    connect,
+    describe,
+    is_pg,
+    migrate,
+)
 from ckptd.daemon.policy import Record
 
-LEDGER_NAME = "ledger.sqlite3"  # in state_dir; `ckptd status` reads it without importing the service
+__all__ = ["BASE_SCHEMA", "LEDGER_NAME", "SCHEMA_VERSION", "Ledger", "LedgerConnectError", "ledger_target"]
 
-SCHEMA_VERSION = 3  # 3 added the evaluations and gates tables (issue 12); no data moves, they are created empty
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS checkpoints (
-    id INTEGER PRIMARY KEY,
-    watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model', path TEXT NOT NULL,
-    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    sha256 TEXT, status TEXT NOT NULL, reason TEXT,
-    metric REAL, metric_source TEXT, step INTEGER,
-    first_seen REAL NOT NULL, updated_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (watch, run, stream, path, size, mtime_ns)
-);
-CREATE INDEX IF NOT EXISTS checkpoints_run ON checkpoints (watch, run, stream);
-CREATE TABLE IF NOT EXISTS members (
-    watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model', checkpoint_id INTEGER NOT NULL,
-    file TEXT NOT NULL, source TEXT NOT NULL, sha256 TEXT NOT NULL,
-    metric REAL, step INTEGER, mtime REAL NOT NULL,
-    PRIMARY KEY (watch, run, stream, checkpoint_id)
-);
-CREATE TABLE IF NOT EXISTS runs (
-    watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model', run_dir TEXT, output TEXT,
-    last_event TEXT, last_event_at REAL, last_error TEXT, last_error_at REAL,
-    PRIMARY KEY (watch, run, stream)
-);
-CREATE TABLE IF NOT EXISTS exports (
-    id INTEGER PRIMARY KEY,
-    watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model',
-    source TEXT, sha256 TEXT, metric REAL, step INTEGER,
-    status TEXT NOT NULL, reason TEXT, path TEXT, capture TEXT, verification TEXT,
-    started_at REAL NOT NULL, finished_at REAL
-);
-CREATE TABLE IF NOT EXISTS evaluations (
-    id INTEGER PRIMARY KEY,
-    watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model',
-    kind TEXT NOT NULL, key TEXT NOT NULL, members TEXT NOT NULL,
-    value REAL, status TEXT NOT NULL, reason TEXT, started_at REAL NOT NULL, finished_at REAL,
-    pid INTEGER
-);
-CREATE INDEX IF NOT EXISTS evaluations_key ON evaluations (watch, run, stream, key);
-CREATE INDEX IF NOT EXISTS evaluations_started ON evaluations (watch, started_at);
-CREATE TABLE IF NOT EXISTS gates (
-    watch TEXT NOT NULL, run TEXT NOT NULL, stream TEXT NOT NULL DEFAULT 'model',
-    topk_key TEXT, members TEXT NOT NULL, evaluation TEXT, winner TEXT, updated_at REAL NOT NULL,
-    PRIMARY KEY (watch, run, stream)
-);
-"""
 
-# Version 1 (ckptd 0.1.0) had no stream column and no attempts counter; its tables are rebuilt in place.
-_MIGRATE_FROM_1 = {
-    "checkpoints": "id, watch, run, path, size, mtime_ns, sha256, status, reason, metric, metric_source, step, "
-                   "first_seen, updated_at",
-    "members": "watch, run, checkpoint_id, file, source, sha256, metric, step, mtime",
-    "runs": "watch, run, run_dir, output, last_event, last_event_at, last_error, last_error_at",
-    "exports": "id, watch, run, source, sha256, metric, step, status, reason, path, capture, verification, "
-               "started_at, finished_at",
-}
+def ledger_target(config: Any) -> Target:
+    """Where the config's ledger is: its ``ledger`` (a URL or a path), else ``state_dir/ledger.sqlite3``."""
+    value = getattr(config, "ledger", "") or ""
+    if is_pg(value):
+        return value
+    return Path(value) if value else Path(config.state_dir) / LEDGER_NAME
+
 
 FINAL_STATUSES = ("done", "invalid", "unranked", "duplicate", "skipped", "pruned", "resume")
 
@@ -105,24 +74,44 @@ class Ledger:
     and recorded separately and never mix.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, target: Target, *, holder: str | None = None) -> None:
+        """``target``: a SQLite file path or a ``postgresql://`` URL. ``holder``: who this process is in the
+        ``holder`` columns (default ``host:pid``)."""
+        from ckptd.daemon.leases import default_holder
+
+        self.target: Target = target if is_pg(target) else Path(target)
+        self.path = self.target if isinstance(self.target, Path) else None  # the SQLite file, if any
+        self.holder = holder or default_holder()
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        self._db: Database = connect(self.target)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
-        except sqlite3.DatabaseError:
+            migrate(self._db)
+        except sqlite3.Error:
             self._db.close()
             raise
 
+    @property
+    def dialect(self) -> str:
+        return self._db.dialect
+
+    @property
+    def now_sql(self) -> str:
+        """SQL for the clock lease expiry is compared against (the server's on PostgreSQL)."""
+        return self._db.now
+
+    def describe(self) -> str:
+        """The ledger for messages: the path, or the URL without password."""
+        return describe(self.target)
+
     @classmethod
-    def open(cls, path: str | Path) -> tuple[Ledger, str | None]:
-        """Open the ledger; a corrupt file is moved aside and a fresh ledger started (outputs rebuild it from the
-        pinned member copies). Returns the ledger and a warning for the log, if any."""
-        path = Path(path)
+    def open(cls, target: Target) -> tuple[Ledger, str | None]:
+        """Open the ledger; a corrupt SQLite file is moved aside and a fresh ledger started (outputs rebuild it from
+        the pinned member copies). Returns the ledger and a warning for the log, if any. A PostgreSQL ledger that
+        cannot be reached raises :class:`LedgerConnectError` (the URL in it without password); one that fails
+        otherwise raises :class:`sqlite3.Error` (:class:`ckptd.daemon.ledger_db.PgError`), never moved aside."""
+        if is_pg(target):
+            return cls(target), None
+        path = Path(target)
         try:
             return cls(path), None
         except sqlite3.DatabaseError as exc:
@@ -134,63 +123,36 @@ class Ledger:
             return cls(path), (f"ledger {path} is unreadable ({exc}); moved it to {aside.name} and started a new "
                                "one: members are restored from the pinned copies, other checkpoints are re-read")
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if version < SCHEMA_VERSION and "checkpoints" in tables:
-            cols = {r[1] for r in self._db.execute("PRAGMA table_info(checkpoints)")}
-            if "stream" not in cols:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for table in _MIGRATE_FROM_1:
-                        if table in tables:
-                            self._db.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
-                    self._db.execute("DROP INDEX IF EXISTS checkpoints_run")
-                    for stmt in SCHEMA.split(";"):
-                        if stmt.strip():
-                            self._db.execute(stmt)
-                    for table, cols_sql in _MIGRATE_FROM_1.items():
-                        if table in tables:
-                            self._db.execute(f"INSERT INTO {table} ({cols_sql}) SELECT {cols_sql} FROM old_{table}")
-                            self._db.execute(f"DROP TABLE old_{table}")
-                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-                return
-        self._db.executescript(SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-    @classmethod
-    def open_readonly(cls, path: str | Path) -> sqlite3.Connection:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        db.row_factory = sqlite3.Row
-        return db
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._db.schema_version()
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def transaction(self) -> Iterator[Database]:
+        """One transaction (BEGIN IMMEDIATE on SQLite, BEGIN on PostgreSQL), committed when the block ends,
+        rolled back when it raises. The yielded object's ``execute(sql, args)`` takes ``?`` placeholders."""
+        with self._lock, self._db.transaction() as db:
+            yield db
 
     def _one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         with self._lock:
             return self._db.execute(sql, args).fetchone()
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Rows of one read (for stores of other tables, e.g. ``evaluation_store``)."""
+        """Rows of one read (for stores of other tables, e.g. ``evaluation_store``); rows are tuples that also
+        answer ``row["column"]``."""
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    def write(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement in its own transaction; returns its rows (``RETURNING``) if it has any."""
+        with self.transaction() as db:
+            cur = db.execute(sql, args)
+            return cur.fetchall() if cur.description else []
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     _ROW = "id, path, size, mtime_ns, sha256, status, reason, metric, step, attempts"
@@ -205,7 +167,7 @@ class Ledger:
     def record(self, watch: str, run: str, path: str, size: int, mtime_ns: int, *, status: str,
                reason: str | None = None, sha256: str | None = None, metric: float | None = None,
                metric_source: str | None = None, step: int | None = None, stream: str = "model",
-               db: sqlite3.Connection | None = None, attempt: bool = False) -> int:
+               db: Database | None = None, attempt: bool = False) -> int:
         """Insert or update the row for this identity; returns its id. Pass ``db`` to join an open transaction;
         ``attempt`` counts one more failed attempt (a checkpoint failing again and again is given up on)."""
         if db is None:
@@ -214,17 +176,15 @@ class Ledger:
                                    metric=metric, metric_source=metric_source, step=step, stream=stream, db=own,
                                    attempt=attempt)
         now = time.time()
-        db.execute(
+        row = db.execute(
             "INSERT INTO checkpoints (watch, run, stream, path, size, mtime_ns, sha256, status, reason, metric, "
             "metric_source, step, first_seen, updated_at, attempts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT (watch, run, stream, path, size, mtime_ns) DO UPDATE SET sha256=excluded.sha256, "
             "status=excluded.status, reason=excluded.reason, metric=excluded.metric, "
             "metric_source=excluded.metric_source, step=excluded.step, updated_at=excluded.updated_at, "
-            "attempts=checkpoints.attempts + excluded.attempts",
+            "attempts=checkpoints.attempts + excluded.attempts RETURNING id",
             (watch, run, stream, path, size, mtime_ns, sha256, status, reason, metric, metric_source, step, now, now,
-             int(attempt)))
-        row = db.execute("SELECT id FROM checkpoints WHERE watch=? AND run=? AND stream=? AND path=? AND size=? "
-                         "AND mtime_ns=?", (watch, run, stream, path, size, mtime_ns)).fetchone()
+             int(attempt))).fetchone()
         return int(row[0])
 
     def known_files(self, watch: str, run: str, *, stream: str | None = None) -> list[CheckpointRow]:
@@ -262,7 +222,7 @@ class Ledger:
                                     "WHERE watch=? AND run=? AND stream=?", (watch, run, stream)).fetchall()
         return [MemberRow(Record(r[0], r[1], r[2], r[3], r[4], r[5]), r[6]) for r in rows]
 
-    def set_members(self, db: sqlite3.Connection, watch: str, run: str, members: list[MemberRow], *,
+    def set_members(self, db: Database, watch: str, run: str, members: list[MemberRow], *,
                     stream: str = "model") -> None:
         """Replace the member set (call inside ``transaction()``)."""
         db.execute("DELETE FROM members WHERE watch=? AND run=? AND stream=?", (watch, run, stream))
@@ -299,11 +259,12 @@ class Ledger:
     # --- exports ------------------------------------------------------------------------------------------------
     def export_started(self, watch: str, run: str, source: str, sha256: str, metric: float | None,
                        step: int | None, *, stream: str = "model") -> int:
+        """A 'running' export row held by this process (``holder``); returns its id."""
         with self.transaction() as db:
-            cur = db.execute("INSERT INTO exports (watch, run, stream, source, sha256, metric, step, status, "
-                             "started_at) VALUES (?,?,?,?,?,?,?, 'running', ?)",
-                             (watch, run, stream, source, sha256, metric, step, time.time()))
-            return int(cur.lastrowid or 0)
+            row = db.execute("INSERT INTO exports (watch, run, stream, source, sha256, metric, step, status, "
+                             "started_at, holder) VALUES (?,?,?,?,?,?,?, 'running', ?, ?) RETURNING id",
+                             (watch, run, stream, source, sha256, metric, step, time.time(), self.holder)).fetchone()
+            return int(row[0])
 
     def export_finished(self, export_id: int, status: str, *, reason: str | None = None, path: str | None = None,
                         capture: str | None = None, verification: str | None = None) -> None:
@@ -332,12 +293,41 @@ class Ledger:
         return [ExportRow(*r) for r in rows]
 
     def abandon_running_exports(self, reason: str) -> int:
-        """At startup: rows still 'running' belong to a process that died (crash, kill -9); no export of
-        this daemon runs yet. Marks them 'abandoned'; returns how many."""
+        """At startup: rows still 'running' belong to a process that died (crash, kill -9); no export of this
+        daemon runs yet. Marks them 'abandoned'; returns how many. Only rows that are surely orphaned
+        (:meth:`orphan_filter`): on a PostgreSQL ledger other daemons' exports are running beside ours."""
+        where, args = self.orphan_filter("exports")
         with self.transaction() as db:
-            cur = db.execute("UPDATE exports SET status='abandoned', reason=?, finished_at=? WHERE status='running'",
-                             (reason, time.time()))
+            cur = db.execute(f"UPDATE exports SET status='abandoned', reason=?, finished_at=? "
+                             f"WHERE status='running' AND ({where})", (reason, time.time(), *args))
             return int(cur.rowcount)
+
+    def orphan_filter(self, table: str) -> tuple[str, tuple[Any, ...]]:
+        """SQL condition (and its arguments) on ``table``'s ``holder`` (and ``watch``/``run``) selecting the
+        'running' rows of a process that is gone, for the startup clean-up of ``exports`` and ``evaluations``.
+
+        - SQLite (one host, one daemon per ledger): rows of this host (any pid: a daemon just starting runs nothing
+          yet, and the one that wrote them, even with this pid reused, is gone) and rows with no holder (written
+          before schema 4).
+        - PostgreSQL (daemons on several hosts): rows of this host whose pid is this process (a restart reusing
+          the pid) or is not alive; and rows of any host whose holder's lease on that run has expired (on the
+          server's clock), i.e. a daemon that died or lost the run. Rows of live daemons, of other hosts with a
+          live lease, of holders holding no lease on the run (a queue worker) and with no holder are left alone.
+        """
+        from ckptd.daemon.leases import host_of, local_dead_holders
+
+        host = host_of(self.holder)
+        like = "".join("!" + c if c in "!%_" else c for c in host) + ":%"
+        if self.dialect == "sqlite":
+            return "holder IS NULL OR holder LIKE ? ESCAPE '!'", (like,)
+        rows = self.query(f"SELECT DISTINCT holder FROM {table} WHERE status='running' AND holder LIKE ? "
+                          "ESCAPE '!'", (like,))
+        dead = sorted(local_dead_holders([r[0] for r in rows], self.holder))
+        expired = (f"EXISTS (SELECT 1 FROM leases l WHERE l.watch={table}.watch AND l.run={table}.run "
+                   f"AND l.holder={table}.holder AND l.expires_at <= {self.now_sql})")
+        if not dead:
+            return expired, ()
+        return f"holder IN ({','.join('?' * len(dead))}) OR {expired}", tuple(dead)
 
     def clear_export_error(self, watch: str, run: str, *, stream: str = "model") -> None:
         """A successful export clears an *export* error from the run's status (any other error stays; the log

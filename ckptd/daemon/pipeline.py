@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ckptd.daemon import gate, recovery
+from ckptd.daemon import gate, recovery, remote_publish
 from ckptd.daemon.config import Policy, Watch
 from ckptd.daemon.discovery import Observation, observe
 from ckptd.daemon.export_seam import ExportRequester
@@ -48,6 +48,7 @@ from ckptd.file_checks import refusal
 from ckptd.formats import check_complete
 from ckptd.metric_sources import ValueSource, first_value
 from ckptd.reader import read_checkpoint
+from ckptd.remote.mirror import canonical, local
 from ckptd.trainers import StreamPlan, pick_weights
 
 MAX_ATTEMPTS = 3  # a checkpoint that makes processing fail this often is recorded invalid: it never blocks its run
@@ -115,6 +116,13 @@ class RunProcessor:
         self._manifest_stale = False
         # the latest final identity per path: no ledger query per file per scan; bounded by the files present
         self._final: dict[str, tuple[int, int]] = {}
+        self.generation: int | None = None  # the run's generation from the last fenced publication (leases)
+        self.remote = remote_publish.for_run(ctx, ledger, self.log, self.manifest_lock,  # object-store outputs
+                                             generation=lambda: self.generation)
+        # set by the daemon: checks, inside a ledger transaction, that this daemon still holds the run's lease
+        # (raises LeaseLost); every publication runs it before its swap (``ckptd.daemon.run_leases``)
+        self.fence: Callable[[Any], Any] | None = None
+        self.lease_held: Callable[[], bool] = lambda: True  # cheap, in memory: checked before an export publishes
 
     # --- ledger views -------------------------------------------------------------------------------------
     def members(self) -> list[MemberRow]:
@@ -124,7 +132,7 @@ class RunProcessor:
         return [by_record[r] for r in ranked([r.record for r in rows], self.ctx.policy.metric.mode)]
 
     def _record(self, obs: Observation, **kw: Any) -> int:
-        return self.ledger.record(self.ctx.watch.name, self.ctx.run, str(obs.path), obs.size, obs.mtime_ns,
+        return self.ledger.record(self.ctx.watch.name, self.ctx.run, canonical(obs.path), obs.size, obs.mtime_ns,
                                   stream=self.ctx.stream, **kw)
 
     def _event(self, event: str, **kw: Any) -> None:
@@ -146,15 +154,21 @@ class RunProcessor:
 
     def _publish(self, members: list[MemberRow], manifest: dict[str, Any], *, best_changed: bool,
                  average_changed: bool, before_commit: Callable[[], None] | None = None,
-                 state: gate.GateState | None = None, evaluated: Path | None = None) -> None:
+                 state: gate.GateState | None = None, evaluated: Path | None = None, fenced: bool = False) -> None:
         """One generation; ``before_commit`` (the ledger transaction) runs after everything is written and
-        before the swap. Output write failures become :class:`OutputUnavailable`."""
+        before the swap. ``fenced``: ``before_commit`` checks the lease itself, in its own transaction; otherwise
+        the lease is checked first, in a transaction of its own. Output write failures become
+        :class:`OutputUnavailable`."""
+        if self.fence is not None and not fenced:
+            before_commit = self._fenced(before_commit)
         try:
             with self.manifest_lock:
                 state = self._gate(state)
                 publish(self.ctx.output, self.ctx.policy, members, manifest, best_changed=best_changed,
                         average_changed=average_changed, average_members=gate.average_members(self, members, state),
                         evaluated=evaluated, before_commit=before_commit)
+                if self.remote is not None:
+                    self.remote.after_commit()  # never raises: a failed upload is retried at the job's end
         except OSError as exc:
             if exc.errno in OUTPUT_ERRNOS:
                 self.reconciled = False  # the ledger may be ahead of the outputs: recovery republishes
@@ -162,6 +176,19 @@ class RunProcessor:
                                         f"{exc.strerror or exc}; nothing was published, the previous outputs stay; "
                                         "retrying after a back-off") from exc
             raise
+
+    def _fenced(self, inner: Callable[[], None] | None) -> Callable[[], None]:
+        """``inner`` preceded by a lease check in a transaction of its own (LeaseLost aborts the publication)."""
+        fence = self.fence
+
+        def commit() -> None:
+            if fence is not None:
+                with self.ledger.transaction() as db:
+                    self.generation = fence(db)
+            if inner is not None:
+                inner()
+
+        return commit
 
     def republish(self, members: list[MemberRow], *, reason: str) -> None:
         """Publish the complete set for ``members`` (recovery, or after outputs were deleted)."""
@@ -279,7 +306,7 @@ class RunProcessor:
 
     def rebuild_member(self, member: MemberRow) -> bool:
         """Re-extract a lost member copy from its source if the source still holds the same model weights."""
-        src = Path(member.record.path)
+        src = Path(local(member.record.path))  # an object URL: its stub in this daemon's mirror
         if not src.exists():
             return False
         loaded = self._load(src)
@@ -315,7 +342,7 @@ class RunProcessor:
         key = str(obs.path)
         if self._final.get(key) == obs.signature:
             return True
-        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, key, obs.size, obs.mtime_ns,
+        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, canonical(key), obs.size, obs.mtime_ns,
                                stream=self.ctx.stream)
         if row is not None and row.status in FINAL_STATUSES:
             self._final[key] = obs.signature
@@ -353,28 +380,28 @@ class RunProcessor:
             return
         self._record(obs, status="resume", reason=f"resume state: {obs.resume}; not ranked")
         self._final[str(obs.path)] = obs.signature
-        self.log.info("checkpoint.resume_state", checkpoint=str(obs.path), action="record", reason=obs.resume)
+        self.log.info("checkpoint.resume_state", checkpoint=canonical(obs.path), action="record", reason=obs.resume)
 
     def record_refused(self, obs: Observation) -> None:
         """Something discovery will not hand to a reader (a FIFO, a device named like a checkpoint): one log line
         and an invalid record, once per file version."""
         if self.known(obs):
             return
-        self.log.error("checkpoint.invalid", checkpoint=str(obs.path), action="ignore", reason=obs.refused)
+        self.log.error("checkpoint.invalid", checkpoint=canonical(obs.path), action="ignore", reason=obs.refused)
         self._invalid(obs, obs.refused)
 
     def _failed(self, obs: Observation, exc: Exception) -> str:
         reason = f"{type(exc).__name__}: {exc}"
         self._record(obs, status="failed", reason=reason, attempt=True)
-        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, str(obs.path), obs.size, obs.mtime_ns,
+        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, canonical(obs.path), obs.size, obs.mtime_ns,
                                stream=self.ctx.stream)
         attempts = row.attempts if row else MAX_ATTEMPTS
         if attempts >= MAX_ATTEMPTS:
             reason = f"processing failed {attempts} times, giving up on this checkpoint: {reason}"
-            self.log.error("checkpoint.invalid", checkpoint=str(obs.path), action="ignore", reason=reason,
+            self.log.error("checkpoint.invalid", checkpoint=canonical(obs.path), action="ignore", reason=reason,
                            exc_info=exc)
             return self._invalid(obs, reason, counted=False)
-        self.log.error("checkpoint.failed", checkpoint=str(obs.path), action="retry", attempt=attempts,
+        self.log.error("checkpoint.failed", checkpoint=canonical(obs.path), action="retry", attempt=attempts,
                        reason=reason, exc_info=exc)
         return "retry"
 
@@ -382,7 +409,7 @@ class RunProcessor:
         if counted:
             self.metrics.rejected.labels(reason=rejection_reason(reason)).inc()
         self._record(obs, status="invalid", reason=reason, **kw)
-        self._event("invalid", error=f"{obs.path}: {reason}")
+        self._event("invalid", error=f"{canonical(obs.path)}: {reason}")
         self._final[str(obs.path)] = obs.signature
         return "invalid"
 
@@ -390,7 +417,7 @@ class RunProcessor:
         if not self.reconciled:
             self.reconcile()
         path = obs.path
-        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, str(path), obs.size, obs.mtime_ns,
+        row = self.ledger.find(self.ctx.watch.name, self.ctx.run, canonical(path), obs.size, obs.mtime_ns,
                                stream=self.ctx.stream)
         if row is not None and row.status in FINAL_STATUSES:
             return row.status
@@ -403,7 +430,7 @@ class RunProcessor:
                 return "retry"
             if row is None or row.reason != exc.reason:
                 self.metrics.rejected.labels(reason=rejection_reason(exc.reason)).inc()
-                self.log.warning("checkpoint.incomplete", checkpoint=str(path), action="wait",
+                self.log.warning("checkpoint.incomplete", checkpoint=canonical(path), action="wait",
                                  reason=f"{exc.reason} (will be retried when the file changes)")
             self._record(obs, status="incomplete", reason=exc.reason)
             self._event("incomplete", error=str(exc))
@@ -412,42 +439,43 @@ class RunProcessor:
             pass  # corrupt or foreign: the load below reports it, once, as invalid
         outside = refusal(path, self.ctx.watch.root)  # a symlink out of the root (also inside a folder), a FIFO
         if outside:
-            self.log.error("checkpoint.invalid", checkpoint=str(path), action="ignore", reason=outside)
+            self.log.error("checkpoint.invalid", checkpoint=canonical(path), action="ignore", reason=outside)
             return self._invalid(obs, outside)
         try:
             loaded = self._load(path)
         except NotInStream as exc:
             self._record(obs, status="skipped", reason=str(exc))
             self._final[str(path)] = obs.signature
-            self.log.debug("checkpoint.skipped", checkpoint=str(path), action="skip", reason=str(exc))
+            self.log.debug("checkpoint.skipped", checkpoint=canonical(path), action="skip", reason=str(exc))
             return "skipped"
         except (CheckpointError, OSError) as exc:
             if not _unchanged(obs) or isinstance(exc, CheckpointChangedError):
-                self.log.info("checkpoint.changed", checkpoint=str(path), action="retry",
+                self.log.info("checkpoint.changed", checkpoint=canonical(path), action="retry",
                               reason="the file changed or vanished while being read")
                 return "retry"
             reason = exc.reason if isinstance(exc, CheckpointError) else str(exc)
-            self.log.error("checkpoint.invalid", checkpoint=str(path), action="ignore", reason=reason)
+            self.log.error("checkpoint.invalid", checkpoint=canonical(path), action="ignore", reason=reason)
             return self._invalid(obs, reason)
         metric, metric_src = first_value(self.ctx.metric_sources, path, loaded.obj, loaded.metadata, "metric")
         step_value, _ = first_value(self.ctx.step_sources, path, loaded.obj, loaded.metadata, "step")
         step = None if step_value is None else int(step_value)
         if not _unchanged(obs):
-            self.log.info("checkpoint.changed", checkpoint=str(path), action="retry",
+            self.log.info("checkpoint.changed", checkpoint=canonical(path), action="retry",
                           reason="the file changed while being read; discarded")
             return "retry"
         sha = loaded.sha256
         ckpt_id = self._record(obs, status="pending", sha256=sha, metric=metric,
                                metric_source=metric_src if metric is not None else None, step=step)
         members = self.members()
-        record = Record(ckpt_id, str(path), sha, metric, step, obs.mtime_ns / 1e9)
+        record = Record(ckpt_id, canonical(path), sha, metric, step, obs.mtime_ns / 1e9)
         decision = decide([m.record for m in members], record, self.ctx.policy.average.top_k,
                           self.ctx.policy.metric.mode)
         if decision.action != "join":
             return self._finish_without_change(obs, decision, metric, metric_src, step, sha)
         problem = self._validate(members, loaded.weights)
         if problem:
-            self.log.error("checkpoint.refused", checkpoint=str(path), metric=metric, action="refuse", reason=problem)
+            self.log.error("checkpoint.refused", checkpoint=canonical(path), metric=metric, action="refuse",
+                           reason=problem)
             return self._invalid(obs, problem, sha256=sha, metric=metric, step=step)
         return self._join(obs, decision, record, loaded, members, metric_src)
 
@@ -466,7 +494,7 @@ class RunProcessor:
         reason = decision.reason if decision.action != "unranked" else f"{decision.reason} ({metric_src})"
         self._record(obs, status=status, reason=reason, sha256=sha, metric=metric, step=step)
         self._final[str(obs.path)] = obs.signature
-        self.log.info("checkpoint." + status, checkpoint=str(obs.path), metric=metric, step=step,
+        self.log.info("checkpoint." + status, checkpoint=canonical(obs.path), metric=metric, step=step,
                       action=decision.action, reason=reason)
         self._event(status)
         if self.defer_manifest:
@@ -481,6 +509,8 @@ class RunProcessor:
         if self._manifest_stale:
             self._manifest_stale = False
             self.write_manifest()
+        if self.remote is not None:
+            self.remote.catch_up()  # the object store behind the committed outputs: publish; raises if it fails
 
     def _join(self, obs: Observation, decision: Decision, record: Record, loaded: Loaded,
               old_members: list[MemberRow], metric_src: str) -> str:
@@ -507,15 +537,18 @@ class RunProcessor:
 
         def commit_ledger() -> None:
             with self.ledger.transaction() as db:
+                if self.fence is not None:
+                    # members and "done" only while this daemon holds the run (same transaction)
+                    self.generation = self.fence(db)
                 self.ledger.set_members(db, self.ctx.watch.name, self.ctx.run, members, stream=self.ctx.stream)
-                self.ledger.record(self.ctx.watch.name, self.ctx.run, str(obs.path), obs.size, obs.mtime_ns,
+                self.ledger.record(self.ctx.watch.name, self.ctx.run, canonical(obs.path), obs.size, obs.mtime_ns,
                                    status="done", reason=decision.reason, sha256=record.sha256,
                                    metric=record.metric, metric_source=metric_src, step=record.step,
                                    stream=self.ctx.stream, db=db)
 
         with timer.labels(action="publish").time(), self.manifest_lock:  # manifest built and published under it
             self._publish(members, self._manifest(members, done), best_changed=decision.new_best,
-                          average_changed=average_changed, before_commit=commit_ledger)
+                          average_changed=average_changed, before_commit=commit_ledger, fenced=True)
         self._manifest_stale = False  # that manifest carries every deferred change too
         self._final[str(obs.path)] = obs.signature
         with self.manifest_lock:  # never between an evaluation's check of its members' copies and its publish

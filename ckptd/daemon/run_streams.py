@@ -22,6 +22,9 @@ from ckptd.daemon.ledger import Ledger
 from ckptd.daemon.pipeline import RunContext, RunProcessor
 from ckptd.daemon.pruning import apply_retention
 from ckptd.daemon.readiness import ReadinessTracker
+from ckptd.daemon.remote_publish import remote_base
+from ckptd.remote.mirror import canonical
+from ckptd.remote.urls import redact
 from ckptd.trainers import RunPlan
 
 
@@ -35,6 +38,15 @@ def _recordable(path: Path) -> bool:
     return True
 
 
+def _recorded_output(ctx: RunContext) -> str:
+    """What the ledger records as the stream's output: the object-store URL (without credentials) for a remote
+    output, not this daemon's staging folder; several daemons sharing a ledger agree, and status shows the URL."""
+    remote = getattr(ctx.watch, "remote_output", "")
+    if remote:
+        return redact(remote_base(remote, ctx.watch.name, ctx.run, ctx.stream))
+    return str(ctx.output)
+
+
 class RunStreams:
     """The processors of one run, keyed by stream name (``model`` first when present)."""
 
@@ -46,10 +58,13 @@ class RunStreams:
         self._make = make_processor
         self.plan: RunPlan | None = None
         self.processors: dict[str, RunProcessor] = {}
+        self.retired = False
         self._unnamed: set[Path] = set()  # files whose names cannot be recorded (logged once each)
 
     def retire(self) -> None:
-        """This run's view was replaced (a reload, the run gone): late decisions of its processors are void."""
+        """This run's view was replaced (a reload, the run gone, its lease lost): late decisions of its processors
+        are void."""
+        self.retired = True
         for proc in self.processors.values():
             proc.retired = True
 
@@ -82,7 +97,8 @@ class RunStreams:
             if old is not None and old.ctx == ctx:
                 processors[stream.name] = old
                 continue
-            self.ledger.touch_run(ctx.watch.name, ctx.run, str(ctx.run_dir), str(ctx.output), stream=stream.name)
+            self.ledger.touch_run(ctx.watch.name, ctx.run, canonical(str(ctx.run_dir)), _recorded_output(ctx),
+                                  stream=stream.name)
             processors[stream.name] = self._make(ctx)
             processors[stream.name].defer_manifest = True
         for name, old in self.processors.items():
@@ -110,7 +126,7 @@ class RunStreams:
             if not _recordable(obs.path):
                 if obs.path not in self._unnamed:
                     self._unnamed.add(obs.path)
-                    self.log.error("checkpoint.invalid", checkpoint=repr(str(obs.path)), action="ignore",
+                    self.log.error("checkpoint.invalid", checkpoint=repr(canonical(str(obs.path))), action="ignore",
                                    reason="its file name is not valid UTF-8, so it cannot be recorded; rename it")
                 continue
             todo = self._todo(obs)

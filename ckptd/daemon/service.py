@@ -14,28 +14,33 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckptd.daemon.config import Config, load_config
-from ckptd.daemon.discovery import list_runs
+from ckptd.daemon.config import Config, Watch, load_config
+from ckptd.daemon.discovery import checkpoint_folder_kind, list_runs
 from ckptd.daemon.evaluations import EvaluationScheduler
 from ckptd.daemon.exports import ExportScheduler
 from ckptd.daemon.hooks import HookRunner
-from ckptd.daemon.ledger import LEDGER_NAME, Ledger
+from ckptd.daemon.ledger import LEDGER_NAME, Ledger, LedgerConnectError, ledger_target
+from ckptd.daemon.ledger_db import describe as describe_ledger
 from ckptd.daemon.logs import configure_logging, get_logger
 from ckptd.daemon.loop import StageGuard, Wakeup, describe, expected
 from ckptd.daemon.notify import Notifier
 from ckptd.daemon.paths import resolve_output, run_name
 from ckptd.daemon.pipeline import RunContext, RunProcessor
 from ckptd.daemon.readiness import ReadinessTracker
+from ckptd.daemon.run_leases import RunLeases
 from ckptd.daemon.run_streams import RunStreams
 from ckptd.daemon.telemetry import Metrics
 from ckptd.daemon.watcher import watch_summary
 from ckptd.daemon.watches import WatchSet
-from ckptd.errors import CkptdError, ConfigError
+from ckptd.errors import CkptdError, ConfigError, LeaseLost
+from ckptd.remote.mirror import MirrorChange
+from ckptd.remote.roots import RemoteRoots, affected_runs, committed_objects
 
 __all__ = ["LEDGER_NAME", "Daemon", "watch_summary"]
 
@@ -60,6 +65,8 @@ class RunState:
     last_scan: float = 0.0
     pending: int = 0
     failures: int = 0  # consecutive failed jobs: the backoff grows with them
+    lease_retry_at: float = 0.0  # held by another daemon: when to try to claim the run again
+    releasing: bool = False  # beyond this daemon's share: being given back to another daemon (not scheduled)
 
 
 class Daemon:
@@ -68,21 +75,27 @@ class Daemon:
         self.config_path = Path(config_path) if config_path else None
         self.once = once
         self.log = get_logger()
-        path = config.state_dir / LEDGER_NAME
+        target = ledger_target(config)  # config.ledger: a postgresql:// URL, or a SQLite file (in state_dir)
         try:
-            self.ledger, rebuilt = Ledger.open(path)  # a corrupt ledger is moved aside and rebuilt
+            self.ledger, rebuilt = Ledger.open(target)  # a corrupt SQLite ledger is moved aside and rebuilt
+        except LedgerConnectError as exc:  # its message names the URL without password
+            raise LedgerOpenError(str(exc)) from None
         except (sqlite3.Error, OSError) as exc:
-            raise LedgerOpenError(f"cannot open the ledger {path}: {describe(exc)}") from exc
+            raise LedgerOpenError(f"cannot open the ledger {describe_ledger(target)}: {describe(exc)}") from exc
         if rebuilt:
-            self.log.warning("ledger.rebuilt", ledger=str(path), reason=rebuilt)
+            self.log.warning("ledger.rebuilt", ledger=describe_ledger(target), reason=rebuilt)
         self.notifier = Notifier()
         self.runs: dict[tuple[str, Path], RunState] = {}
         self._refused_runs: set[tuple[str, Path]] = set()  # run dirs whose name cannot be an output (logged once)
         self._wakeup = Wakeup()  # signal flags + the self-pipe the loop sleeps on
         self._rediscover = True
         self.watches = WatchSet(self._on_event, self._wakeup.wake)
+        # object-store watches: a listing thread per watch (its mirror), SQS hints
+        self.remote = RemoteRoots(self._remote_hint, on_listed=lambda name, change: self.metrics.listed(
+            name, change.seconds, change.objects))
         # threads are created on demand; _schedule() enforces max_parallel_runs (which a reload may change)
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="ckptd-run")
+        self._sched_lock = threading.Lock()  # scheduling vs. the heartbeat giving runs back
         self._last_action = "starting"
         self.failures = 0
         self.metrics = Metrics(config.metrics.listen if not once else "", config.metrics.textfile,
@@ -91,6 +104,7 @@ class Daemon:
         self.evaluations = EvaluationScheduler(self.ledger, self.log, max_parallel=config.max_parallel_runs,
                                                metrics=self.metrics)
         self.hooks = HookRunner(self.log)
+        self.leases = self._make_leases()
         self._guards = {name: StageGuard(name, self.metrics.loop_errors)
                         for name in ("discover", "schedule", "metrics", "loop")}
         self._guards["reload"] = StageGuard("reload", self.metrics.loop_errors, first=0.0)  # each SIGHUP is tried
@@ -133,7 +147,8 @@ class Daemon:
         """Which runs exist (filesystem only: the ledger row is written by the run's first job)."""
         seen: set[tuple[str, Path]] = set()
         for watch in self.config.watches:
-            if not self.watches.root_available(watch):
+            change = self.remote.take(watch, self.log) if watch.remote else None  # the listing thread's news
+            if (watch.remote and change is None) or not self.watches.root_available(watch):
                 seen.update(k for k in self.runs if k[0] == watch.name)
                 continue
             policy = self.config.policy_for(watch)
@@ -165,13 +180,87 @@ class Daemon:
                 if state is None:
                     self.log.info("run.discovered", watch=watch.name, run=name, run_dir=str(run_dir),
                                   output=str(output))
+            if change:
+                self._note_remote_change(watch, change)
         self._refused_runs &= seen
-        for key in [k for k in self.runs if k not in seen and not self.runs[k].running]:
-            self.runs.pop(key).streams.retire()
+        self.leases.total = len({(w, s.ctx.run) for (w, _), s in self.runs.items()})
+        gone = [self.runs.pop(key) for key in [k for k in self.runs if k not in seen and not self.runs[k].running]]
+        for state in gone:
+            state.streams.retire()
+        if gone:
+            self.leases.release({(s.ctx.watch.name, s.ctx.run) for s in gone})
+
+    def _note_remote_change(self, watch: Watch, change: MirrorChange) -> None:
+        """Runs whose objects a listing found changed are scanned now. A single object is complete once listed
+        (PUT and multipart-complete are atomic): it is committed like a file renamed into place. A folder
+        checkpoint's files still wait for its completion signal and the settle time."""
+        states = {run_dir: s for (name, run_dir), s in self.runs.items() if name == watch.name}
+        for run_dir, paths in affected_runs(change, states).items():
+            for path in committed_objects(change, paths, checkpoint_folder_kind):
+                states[run_dir].tracker.note_moved_in(path)
+            states[run_dir].dirty = True
+
+    def _remote_hint(self, url: str) -> None:
+        """A listing thread: a listing changed the mirror (or was the first to work); discover at once."""
+        self._rediscover = True
+        self._wakeup.wake()
 
     def _processor(self, ctx: RunContext) -> RunProcessor:
-        return RunProcessor(ctx, self.ledger, self.log, exporter=self.exports, hooks=self.hooks, metrics=self.metrics,
+        proc = RunProcessor(ctx, self.ledger, self.log, exporter=self.exports, hooks=self.hooks, metrics=self.metrics,
                             evaluator=self.evaluations)
+        store, key = self.leases.store, (ctx.watch.name, ctx.run)
+        proc.fence = lambda db: store.fence(db, *key)
+        proc.lease_held = lambda: self.leases.holds(key)
+        return proc
+
+    # --- leases (several daemons sharing one ledger) ------------------------------------------------------
+    def _make_leases(self) -> RunLeases:
+        from ckptd.daemon.leases import LeaseStore, default_holder
+
+        return RunLeases(LeaseStore(self.ledger, default_holder(), self.config.lease_ttl), self.log,
+                         on_lost=self._lease_lost, surplus=self._surplus)
+
+    def _surplus(self, n: int) -> list[tuple[str, str]]:
+        """Heartbeat thread: up to ``n`` idle runs this daemon holds, to give back. Under the schedule lock, so a
+        run picked here is never started by the loop at the same moment."""
+        picked: list[tuple[str, str]] = []
+        with self._sched_lock:
+            states = list(self.runs.values())  # a snapshot: discovery may change the dict meanwhile
+            for state in sorted(states, key=lambda s: s.last_scan, reverse=True):
+                key = (state.ctx.watch.name, state.ctx.run)
+                if len(picked) >= n:
+                    break
+                if state.running or not self.leases.holds(key) or key in picked:
+                    continue
+                picked.append(key)
+            retry = time.monotonic() + self.leases.ttl
+            for state in states:
+                if (state.ctx.watch.name, state.ctx.run) in picked:
+                    state.lease_retry_at = retry  # the other daemon claims it meanwhile
+        return picked
+
+    def _lease_lost(self, key: tuple[str, str]) -> None:
+        """Heartbeat thread: the run now belongs to another daemon. Its processors are retired at once (a late
+        export or evaluation of theirs publishes nothing); the next job claims again and starts fresh."""
+        for state in list(self.runs.values()):
+            if (state.ctx.watch.name, state.ctx.run) == key:
+                state.streams.retire()
+                self._wakeup.wake()
+
+    def _holds_lease(self, state: RunState) -> bool:
+        """Claim the run if needed (in the job's thread: a ledger round trip). A run claimed now starts from the
+        ledger (fresh processors reconcile the outputs with it): another daemon may have moved it on."""
+        ctx = state.ctx
+        key = (ctx.watch.name, ctx.run)
+        if self.leases.holds(key) and not state.streams.retired:
+            return True
+        if not self.leases.ensure(key):
+            state.pending = 0
+            state.lease_retry_at = time.monotonic() + min(self._scan_interval(state), max(self.leases.ttl / 3, 0.5))
+            return False
+        state.streams.retire()
+        state.streams = RunStreams(ctx, self.ledger, self.log, self._processor)
+        return True
 
     def _discovery_interval(self) -> float:
         return min([self.config.rescan_interval] + [w.poll_interval for w in self.config.watches
@@ -181,6 +270,8 @@ class Daemon:
     def _due(self, state: RunState, now: float) -> bool:
         if state.running or now - state.last_scan < MIN_JOB_INTERVAL:
             return False
+        if now < state.lease_retry_at:
+            return False  # another daemon holds the run: events do not make us ask again sooner
         if state.next_check is not None and state.failures and now < state.next_check:
             return False  # backing off after a failure: events do not cut the backoff short
         if state.dirty or (state.next_check is not None and now >= state.next_check):
@@ -203,12 +294,19 @@ class Daemon:
         ctx = state.ctx
         settle = 0.0 if self.once else ctx.watch.settle
         try:
+            if not self._holds_lease(state):
+                return
             state.pending, state.next_check = state.streams.job(state.tracker, settle, lambda: self.stopping,
                                                                 self._note_action, self.metrics.scan_duration)
             if state.failures:
                 self.log.info("run.recovered", watch=ctx.watch.name, run=ctx.run, after_failures=state.failures)
                 self.ledger.note_event(ctx.watch.name, ctx.run, "recovered", clear_error=True)  # status: no stale error
             state.failures = 0
+        except LeaseLost as exc:  # another daemon took the run over while we were publishing: not a failure
+            self.leases.forget((ctx.watch.name, ctx.run))
+            state.streams.retire()
+            self.log.warning("run.lease_lost", watch=ctx.watch.name, run=ctx.run, reason=str(exc))
+            state.lease_retry_at = time.monotonic() + self.leases.ttl
         except Exception as exc:  # one run's failure must never take the daemon down
             self.failures += 1
             state.failures += 1
@@ -248,6 +346,7 @@ class Daemon:
             configure_logging(new.log.format, new.log.level)
             self.log = get_logger()
             self.watches.setup(self.config.watches, events=not self.once)
+            self.remote.setup(self.config.watches, self.log, hints=not self.once)
             self._rediscover = True
             self.log.info("config.reloaded", config=str(self.config_path), watches=len(new.watches))
         finally:
@@ -272,6 +371,8 @@ class Daemon:
         self.log.info("daemon.starting", config=str(self.config_path), watches=len(self.config.watches),
                       state_dir=str(self.config.state_dir), pid=os.getpid())
         self.watches.setup(self.config.watches, events=not self.once)
+        self.remote.setup(self.config.watches, self.log, hints=not self.once)
+        self.leases.start()
         next_discovery = 0.0
         ready_sent = False
         while not self.stopping:
@@ -317,12 +418,13 @@ class Daemon:
 
     def _schedule(self, now: float) -> None:
         busy = sum(1 for s in self.runs.values() if s.running)
-        for state in sorted(self.runs.values(), key=lambda s: s.last_scan):
-            if busy >= self.config.max_parallel_runs:
-                break
-            if self._due(state, now):
-                self._submit(state)
-                busy += 1
+        with self._sched_lock:
+            for state in sorted(self.runs.values(), key=lambda s: s.last_scan):
+                if busy >= self.config.max_parallel_runs:
+                    break
+                if self._due(state, now):
+                    self._submit(state)
+                    busy += 1
 
     def _sleep_for(self, now: float, next_discovery: float) -> float:
         discover, schedule = self._guards["discover"], self._guards["schedule"]
@@ -332,6 +434,9 @@ class Daemon:
         else:
             for s in self.runs.values():
                 if s.running:
+                    continue
+                if s.lease_retry_at > now:
+                    deadlines.append(s.lease_retry_at)  # held by another daemon: nothing sooner
                     continue
                 if s.next_check is not None:
                     deadlines.append(s.next_check)
@@ -351,6 +456,7 @@ class Daemon:
         self.log.info("daemon.stopping", running_jobs=running, deadline_s=self.config.shutdown_deadline,
                       signals=self._wakeup.signals)
         self.watches.stop()
+        self.remote.stop()
         self.evaluations.shutdown()  # an evaluation in flight is killed (its group); it is redone on restart
         self.exports.shutdown()  # an export in flight is killed; it is redone on restart
         while any(s.running for s in self.runs.values()) and time.monotonic() < deadline:
@@ -361,6 +467,7 @@ class Daemon:
             os._exit(0)
         self._pool.shutdown(wait=True)
         self.hooks.shutdown(wait=False)
+        self.leases.stop()  # given back: another daemon takes the runs over at once, not after lease_ttl
         self._close_quietly()
         self.log.info("daemon.stopped")
         return 0
@@ -376,6 +483,7 @@ class Daemon:
 
     def run_once(self) -> int:
         """Process everything present now, then exit (0, or 1 if a run failed)."""
+        self.leases.start()
         self._discover()
         for state in self.runs.values():
             self._submit(state)
@@ -385,6 +493,7 @@ class Daemon:
             self.exports.wait()
         self.evaluations.shutdown()
         self.hooks.shutdown(wait=True)
+        self.leases.stop()
         for state in self.runs.values():
             self.log.info("run.summary", watch=state.ctx.watch.name, run=state.ctx.run,
                           counts=self.ledger.counts(state.ctx.watch.name, state.ctx.run),

@@ -40,7 +40,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from ckptd.daemon.ledger import EXPORT_ERROR_PREFIX, LEDGER_NAME
+from ckptd.daemon.ledger import EXPORT_ERROR_PREFIX, ledger_target
+from ckptd.daemon.ledger_db import Database, LedgerConnectError, Row, SqliteDatabase, connect, describe, is_pg
 from ckptd.daemon.policy import Record, ranked
 from ckptd.errors import CkptdError
 
@@ -54,8 +55,8 @@ ELLIPSIS = "…"
 class LedgerReadError(CkptdError):
     """The ledger exists but cannot be read; ``ckptd status`` exits 1 with this message."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = path
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = path  # a SQLite file, or a PostgreSQL URL without password
         self.reason = reason
         super().__init__(f"cannot read the ledger {path}: {reason}")
 
@@ -81,8 +82,10 @@ def terminal_safe(text: object) -> str:
     return _UNSAFE.sub(_escape, str(text))
 
 
-def ledger_path(config: Any) -> Path:
-    return Path(config.state_dir) / LEDGER_NAME
+def ledger_path(config: Any) -> Path | str:
+    """The config's ledger for messages: the SQLite file, or the PostgreSQL URL without its password."""
+    target = ledger_target(config)
+    return describe(target) if is_pg(target) else Path(target)
 
 
 def _hint(exc: sqlite3.Error) -> str:
@@ -96,23 +99,29 @@ def _hint(exc: sqlite3.Error) -> str:
     return ""
 
 
-def _columns(db: sqlite3.Connection, table: str) -> set[str]:
-    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+def _columns(db: Database, table: str) -> set[str]:
+    return db.columns(table)
 
 
-def has_table(db: sqlite3.Connection, name: str) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+def has_table(db: Database, name: str) -> bool:
+    return db.has_table(name)
 
 
 @contextmanager
-def open_ledger_ro(config: Any) -> Iterator[sqlite3.Connection | None]:
-    """A read-only connection (rows as :class:`sqlite3.Row`) to the config's ledger, or ``None`` when nothing is
-    recorded yet (no file, or no schema written yet).
+def open_ledger_ro(config: Any) -> Iterator[Database | None]:
+    """A read-only connection to the config's ledger (SQLite ``mode=ro``; PostgreSQL with read-only
+    transactions; rows are tuples that also answer ``row["column"]``), or ``None`` when nothing is recorded yet (no
+    file, or no schema written yet).
 
-    Raises :class:`LedgerReadError` when the ledger exists but cannot be read, also for SQLite errors raised by
+    Raises :class:`LedgerReadError` when the ledger exists but cannot be read, also for database errors raised by
     the queries run inside the ``with`` block.
     """
-    path = ledger_path(config)
+    target = ledger_target(config)
+    if is_pg(target):
+        with _open_pg_ro(str(target)) as pg:
+            yield pg
+        return
+    path = Path(target)
     try:  # exists() raises, rather than answer False, when a directory on the way may not be entered
         present = path.exists()
         dangling = not present and path.is_symlink()
@@ -131,11 +140,10 @@ def open_ledger_ro(config: Any) -> Iterator[sqlite3.Connection | None]:
         return
     if not regular:
         raise LedgerReadError(path, "not a regular file")
-    db: sqlite3.Connection | None = None
+    db: Database | None = None
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=READ_TIMEOUT)
-        db.row_factory = sqlite3.Row
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        db = SqliteDatabase.open_readonly(path, timeout=READ_TIMEOUT)
+        tables = db.tables()
         missing = REQUIRED_TABLES - tables
         if tables and missing:
             raise LedgerReadError(path, f"not a ckptd ledger (no table {', '.join(sorted(missing))})")
@@ -150,7 +158,28 @@ def open_ledger_ro(config: Any) -> Iterator[sqlite3.Connection | None]:
             db.close()
 
 
-def stream_columns(db: sqlite3.Connection) -> tuple[str, str]:
+@contextmanager
+def _open_pg_ro(url: str) -> Iterator[Database | None]:
+    """The PostgreSQL side of :func:`open_ledger_ro`: no ckptd tables yet is "nothing recorded yet"."""
+    where = describe(url)
+    db: Database | None = None
+    try:
+        db = connect(url, read_only=True)
+        tables = db.tables()
+        missing = REQUIRED_TABLES - tables
+        if tables and missing and not REQUIRED_TABLES.isdisjoint(tables):
+            raise LedgerReadError(where, f"not a complete ckptd ledger (no table {', '.join(sorted(missing))})")
+        yield None if missing else db
+    except LedgerConnectError as exc:
+        raise LedgerReadError(where, str(exc).split(": ", 1)[-1]) from None
+    except sqlite3.Error as exc:  # PgError: a query failed
+        raise LedgerReadError(where, f"{exc}") from exc
+    finally:
+        if db is not None:
+            db.close()
+
+
+def stream_columns(db: Database) -> tuple[str, str]:
     """``(select, group)`` SQL for a row's identity: an older ledger has no stream column (one implicit stream,
     ``model``), and then the select yields the constant."""
     if "stream" in _columns(db, "runs"):
@@ -169,7 +198,7 @@ def _top_k(config: Any, watch_name: str) -> int | None:
     return config.policy_for(watch).average.top_k if watch else None
 
 
-def evaluation_dict(row: sqlite3.Row) -> dict[str, Any]:
+def evaluation_dict(row: Row) -> dict[str, Any]:
     """An ``evaluations`` row as a dict; ``members`` (JSON text in the ledger) decoded to a list of paths."""
     out = dict(row)
     try:
@@ -190,8 +219,8 @@ def collect_status(config: Any) -> list[dict[str, Any]]:
         return [] if db is None else _read(db, config)
 
 
-def _grouped(db: sqlite3.Connection, sql: str) -> dict[tuple[str, str, str], list[sqlite3.Row]]:
-    out: dict[tuple[str, str, str], list[sqlite3.Row]] = {}
+def _grouped(db: Database, sql: str) -> dict[tuple[str, str, str], list[Any]]:
+    out: dict[tuple[str, str, str], list[Any]] = {}
     for row in db.execute(sql):
         out.setdefault((row["watch"], row["run"], row["stream"]), []).append(row)
     return out
@@ -201,21 +230,30 @@ def _latest(*stamps: float | None) -> float | None:
     return max((s for s in stamps if s), default=None)
 
 
-def _read(db: sqlite3.Connection, config: Any) -> list[dict[str, Any]]:
+def _newest(sel: str, grp: str, cols: str, table: str, where: str, order: str) -> str:
+    """Per run and stream, the newest row of ``table`` by ``order`` (standard SQL: a window, on both backends)."""
+    return (f"SELECT * FROM (SELECT {sel}, {cols}, ROW_NUMBER() OVER (PARTITION BY {grp} ORDER BY {order}) AS rn "
+            f"FROM {table} WHERE {where}) AS t WHERE rn = 1")
+
+
+def _read(db: Database, config: Any) -> list[dict[str, Any]]:
     # the ledger grows per-stream keys; read them when present (an older ledger has one implicit stream)
     streamed = "stream" in _columns(db, "runs")
     sel, grp = stream_columns(db)
     members_by = _grouped(db, f"SELECT {sel}, checkpoint_id, source, sha256, metric, step, mtime, file FROM members")
     counts_by = _grouped(db, f"SELECT {sel}, status, COUNT(*) AS n, MAX(updated_at) AS at FROM checkpoints "
                              f"GROUP BY {grp}, status")
-    # bare columns next to MAX() come from the row holding the maximum (SQLite)
-    invalid_by = _grouped(db, f"SELECT {sel}, path, reason, MAX(updated_at) AS at FROM checkpoints "
-                              f"WHERE status='invalid' GROUP BY {grp}")
-    export_by = _grouped(db, f"SELECT {sel}, MAX(id) AS id, status, reason, source, metric, step, started_at, "
-                             f"finished_at FROM exports WHERE status != 'abandoned' GROUP BY {grp}")
+    invalid_by = _grouped(db, _newest(sel, grp, "path, reason, updated_at AS at", "checkpoints", "status='invalid'",
+                                      "updated_at DESC, id DESC"))
+    export_by = _grouped(db, _newest(sel, grp, "id, status, reason, source, metric, step, started_at, finished_at",
+                                     "exports", "status != 'abandoned'", "id DESC"))
     evaluation_by = (_grouped(db, "SELECT * FROM evaluations WHERE id IN "
                                   "(SELECT MAX(id) FROM evaluations GROUP BY watch, run, stream)")
                      if has_table(db, "evaluations") else {})
+    # live run leases (several daemons sharing a PostgreSQL ledger; one on SQLite): who processes the run
+    leases = ({(r["watch"], r["run"]): (r["holder"], r["held_since"]) for r in db.execute(
+        f"SELECT watch, run, holder, held_since FROM leases WHERE expires_at > {db.now}")}
+        if has_table(db, "leases") else {})
     out = []
     for r in db.execute(f"SELECT {sel}, run_dir, output, last_event, last_event_at, last_error, last_error_at "
                         f"FROM runs ORDER BY {grp}").fetchall():
@@ -252,6 +290,7 @@ def _read(db: sqlite3.Connection, config: Any) -> list[dict[str, Any]]:
             r["last_event_at"], r["last_error_at"], *(c["at"] for c in counts_by.get(key, [])),
             *((export["started_at"], export["finished_at"]) if export else ()),
             *((evaluation["started_at"], evaluation["finished_at"]) if evaluation else ()))
+        row["holder"], row["held_since"] = leases.get((r["watch"], r["run"]), (None, None))
         row["has_error"] = has_error(row)
         if streamed:
             row["stream"] = r["stream"]

@@ -63,6 +63,13 @@ class Metrics:
         self.backlog = Gauge("ckptd_backlog", "Candidates waiting (settling or retrying), by watch", ["watch"],
                              registry=r)
         self._backlog_watches: set[str] = set()
+        # object-store watches (root: s3://…): each listing of the prefix, made by the watch's listing thread
+        self.listing_seconds = Histogram("ckptd_listing_seconds", "Duration of one listing of an object-store "
+                                         "watch root, by watch", ["watch"],
+                                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.listing_objects = Gauge("ckptd_listing_objects", "Objects the last listing of an object-store watch "
+                                     "root found, by watch", ["watch"], registry=r)
+        self._listed_watches: set[str] = set()
         self.evaluations = Counter("ckptd_evaluations", "Candidate evaluations (issue 12 evaluation gate), by result",
                                    ["result"], registry=r)
         for result in ("ok", "partial", "failed"):  # bounded label sets start at 0, so rate() sees the first one
@@ -83,10 +90,21 @@ class Metrics:
         """A candidate's decision was recorded: observe the time since its file was last written."""
         self.decision_latency.observe(max(0.0, time.time() - mtime_ns / 1e9))
 
+    def listed(self, watch: str, seconds: float, objects: int) -> None:
+        """A listing of an object-store watch completed (called from its listing thread)."""
+        self.listing_seconds.labels(watch=watch).observe(seconds)
+        self.listing_objects.labels(watch=watch).set(objects)
+        self._listed_watches.add(watch)
+
     def set_backlog(self, by_watch: dict[str, int]) -> None:
-        """One series per configured watch (names from the config: bounded); watches removed by a reload go."""
+        """One series per configured watch (names from the config: bounded); watches removed by a reload go
+        (their listing series too)."""
         for name in self._backlog_watches - set(by_watch):
             self.backlog.remove(name)
+        for name in self._listed_watches - set(by_watch):
+            self._listed_watches.discard(name)
+            self.listing_seconds.remove(name)
+            self.listing_objects.remove(name)
         for name, waiting in by_watch.items():
             self.backlog.labels(watch=name).set(waiting)
         self._backlog_watches = set(by_watch)

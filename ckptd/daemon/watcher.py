@@ -143,7 +143,14 @@ class EventWatcher:
 
 
 def watch_summary(watch: Any) -> dict[str, Any]:
-    """What ``ckptd check`` prints about a watch: its filesystem and the mode ``auto`` resolves to."""
-    fstype = filesystem_type(watch.root)
+    """What ``ckptd check`` prints about a watch: its filesystem and the mode ``auto`` resolves to. An
+    object-store watch shows its URL (without credentials) and scheme, not this host's mirror; a remote output
+    its URL, not the staging folder."""
+    from ckptd.remote.display import shown_output_template, shown_root
+    from ckptd.remote.urls import scheme
+
+    remote = getattr(watch, "remote", "")
+    fstype = (scheme(remote) or "") if remote else filesystem_type(watch.root)
     mode = watch.mode if watch.mode != "auto" else ("poll" if is_network_fs(fstype) else "events")
-    return {"name": watch.name, "root": str(watch.root), "fstype": fstype, "mode": mode, "policy": watch.policy}
+    return {"name": watch.name, "root": shown_root(watch), "fstype": fstype, "mode": mode, "policy": watch.policy,
+            "output": shown_output_template(watch)}

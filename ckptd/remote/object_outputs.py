@@ -1,0 +1,363 @@
+"""Object-store outputs: a run's staged local outputs published under ``s3://…`` with the manifest as the commit.
+
+Why this shape: an object store has no rename and no symlinks, so the local commit (a generation directory swapped
+in by one rename, ``ckptd.daemon.publish``) does not exist there. Instead every file is uploaded under a
+content-addressed name (``objects/<sha256>.<ext>``: an object, once there, never changes), a CoreML package under
+an immutable versioned prefix (``coreml/<version>/…``), and ``manifest.json`` is written last: one PUT, atomic on
+S3, is the commit point. A reader that reads the manifest and then the objects it names never sees a mix.
+
+Objects are deleted only after a manifest that does not name them is in place, and the previous manifest's objects
+are kept one publication longer (its list is the new manifest's ``retained``), as the local previous generation is
+kept, so a reader in the middle of the previous manifest is not pulled away. A failure anywhere before the manifest
+PUT leaves the previous manifest and every object it names as they were; publishing again finishes the job
+(uploads that already landed are skipped).
+
+The remote manifest is the staged one with every path replaced by its key relative to the base, plus: ``files``
+(local name -> key: ``best.safetensors``, ``average.safetensors``, ``members/…``), ``objects`` (every key it names,
+CoreML files included), ``retained`` (the previous manifest's keys, deleted at the next publication),
+``staged_manifest_sha256`` (the local manifest it was built from) and ``generation`` when the publisher has one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptd.daemon.publish import MANIFEST, current_dir
+from ckptd.errors import CkptdError
+
+OBJECTS = "objects"
+COREML = "coreml"
+PREFIXES = (OBJECTS, COREML)  # the only prefixes under the base where the publisher ever deletes
+MANIFEST_SOURCE = "staged_manifest_sha256"  # the local manifest this remote one was built from (cheap catch-up)
+_CHUNK = 1 << 20
+
+
+class RemoteOutputError(CkptdError):
+    """Publishing a run's outputs to the object store failed; the previous remote manifest stays valid."""
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A published local file (best, average, a member copy), named in the manifest by ``name``."""
+
+    name: str  # relative to the local output: "best.safetensors", "members/a-0123456789ab.safetensors"
+    path: Path
+    size: int
+    sha256: str
+
+    @property
+    def key(self) -> str:
+        return f"{OBJECTS}/{self.sha256}{Path(self.name).suffix}"
+
+
+@dataclass(frozen=True)
+class StagedPackage:
+    """A published CoreML package (a directory): its version name and its files (relative path, path, size)."""
+
+    version: str
+    files: tuple[tuple[str, Path, int], ...]
+
+    @property
+    def prefix(self) -> str:
+        return f"{COREML}/{self.version}"
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What the local committed generation publishes, read once (see :func:`collect`)."""
+
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    files: tuple[StagedFile, ...]
+    package_version: str | None  # the version the manifest's coreml block names (None: no package)
+    package: StagedPackage | None  # its files, when it is still staged locally
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one publication does: upload, then (when ``write_manifest``) PUT ``manifest``, then delete."""
+
+    manifest: dict[str, Any]
+    uploads: tuple[tuple[str, Path], ...]  # (key relative to the base, local file)
+    write_manifest: bool
+    deletes: tuple[str, ...]  # keys relative to the base, only under PREFIXES
+
+
+# --- the pure part ------------------------------------------------------------------------------------------------
+def named_keys(manifest: Mapping[str, Any] | None) -> set[str]:
+    """Every object key a remote manifest names (its ``objects``)."""
+    if not manifest:
+        return set()
+    return {str(k) for k in manifest.get("objects") or ()}
+
+
+def plan_publication(staged: Staged, listing: Mapping[str, int], remote: Mapping[str, Any] | None,
+                     generation: int | None = None) -> Plan:
+    """The uploads, the manifest and the deletions that make the remote outputs equal the staged ones.
+
+    ``listing``: the keys under the base's ``objects/`` and ``coreml/`` with their sizes; ``remote``: the manifest
+    in place now (None: none or unreadable). Content-addressed objects already there with the same size are not
+    uploaded again; a package prefix the current manifest names is complete and immutable, so it is skipped too.
+    Deleted: what neither the new manifest nor the one it replaces names (a reader of either finds its objects)."""
+    uploads: dict[str, Path] = {}
+    for f in staged.files:
+        if listing.get(f.key) != f.size:
+            uploads.setdefault(f.key, f.path)
+    remote_prefix = _coreml_path(remote)
+    prefix: str | None = None
+    package_keys: list[str] = []
+    if staged.package is not None:
+        prefix = staged.package.prefix
+        package_keys = [f"{prefix}/{rel}" for rel, _, _ in staged.package.files]
+        if prefix != remote_prefix:  # not yet committed: (re)upload every file, whatever a failed try left
+            uploads.update((f"{prefix}/{rel}", path) for rel, path, _ in staged.package.files)
+    elif staged.package_version is not None and remote_prefix == f"{COREML}/{staged.package_version}":
+        prefix = remote_prefix  # no longer staged here (a daemon that took the run over), but committed remotely
+        package_keys = sorted(k for k in named_keys(remote) if k.startswith(prefix + "/"))
+    manifest = remote_manifest(staged, prefix, package_keys, generation)
+    unchanged = remote is not None and _comparable(remote) == _comparable(manifest)
+    if unchanged:
+        assert remote is not None
+        manifest = dict(remote)
+        keep = named_keys(remote) | {str(k) for k in remote.get("retained") or ()}
+    else:
+        manifest["retained"] = sorted(named_keys(remote) - set(manifest["objects"]))
+        keep = set(manifest["objects"]) | set(manifest["retained"])
+    deletes = sorted(k for k in listing if k.split("/", 1)[0] in PREFIXES and k not in keep)
+    order = sorted(uploads.items(), key=lambda item: (not item[0].startswith(OBJECTS + "/"), item[0]))
+    return Plan(manifest=manifest, uploads=tuple(order), write_manifest=not unchanged,
+                deletes=tuple(deletes))
+
+
+def remote_manifest(staged: Staged, package_prefix: str | None, package_keys: list[str],
+                    generation: int | None) -> dict[str, Any]:
+    """The staged manifest with every file path replaced by its object key (relative to the base)."""
+    m = copy.deepcopy(staged.manifest)
+    keys = {f.name: f.key for f in staged.files}
+
+    def rewrite(entry: Any, field: str) -> None:
+        if isinstance(entry, dict) and entry.get(field) in keys:
+            entry[field] = keys[entry[field]]
+
+    best, average = m.get("best"), m.get("average")
+    rewrite(best, "path")
+    rewrite(best, "member_path")
+    rewrite(average, "path")
+    for entry in [*(m.get("top_k_members") or ()), *((average or {}).get("members") or ())]:
+        rewrite(entry, "path")
+    coreml = m.get("coreml")
+    if isinstance(coreml, dict):
+        coreml["path"] = package_prefix
+        if coreml.get("version"):
+            coreml["version"] = Path(str(coreml["version"])).name
+        last_ok = coreml.get("last_ok")
+        if isinstance(last_ok, dict) and last_ok.get("version"):
+            last_ok["version"] = Path(str(last_ok["version"])).name
+    m["files"] = dict(sorted(keys.items()))
+    m["objects"] = sorted(set(keys.values()) | set(package_keys))
+    m[MANIFEST_SOURCE] = staged.manifest_sha256
+    if generation is not None:
+        m["generation"] = generation
+    return m
+
+
+def _comparable(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in manifest.items() if k != "retained"}
+
+
+def _coreml_path(manifest: Mapping[str, Any] | None) -> str | None:
+    coreml = (manifest or {}).get("coreml")
+    return coreml.get("path") if isinstance(coreml, dict) else None
+
+
+def _package_version(manifest: Mapping[str, Any]) -> str | None:
+    """The package version the local manifest's coreml block stands for (the newest good one)."""
+    coreml = manifest.get("coreml")
+    if not isinstance(coreml, dict) or not coreml.get("path"):
+        return None
+    source = coreml if coreml.get("status") in ("ok", "partial") else coreml.get("last_ok") or {}
+    version = source.get("version")
+    return Path(str(version)).name if version else None
+
+
+# --- the local side ------------------------------------------------------------------------------------------------
+class Hashes:
+    """sha256 of ckptd's own published files, cached by identity: they are immutable (written once, replaced by
+    rename), so a file is hashed once per process, not once per publication."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._cache: dict[tuple[int, int, int, int], str] = {}
+
+    def sha256(self, path: Path) -> tuple[str, int]:
+        st = path.stat()
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        found = self._cache.get(ident)
+        if found is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    digest.update(chunk)
+            found = digest.hexdigest()
+            if len(self._cache) >= self.limit:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[ident] = found
+        return found, st.st_size
+
+
+def manifest_file(local_output: Path) -> Path | None:
+    """The committed local manifest (inside ``current``), or None when nothing was published."""
+    current = current_dir(local_output)
+    return None if current is None else current / MANIFEST
+
+
+def local_manifest_sha256(local_output: Path) -> str | None:
+    """Identity of the committed local manifest: what a remote manifest records it was built from."""
+    path = manifest_file(local_output)
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
+    except OSError:
+        return None
+
+
+def collect(local_output: Path, hashes: Hashes | None = None) -> Staged | None:
+    """The committed local generation: its manifest and every file it names (resolved once through ``current``,
+    so a concurrent local commit cannot mix two generations). None when nothing was published yet."""
+    hashes = hashes or Hashes()
+    current = current_dir(local_output)
+    if current is None:
+        return None
+    raw = (current / MANIFEST).read_bytes()
+    manifest = json.loads(raw)
+    names: dict[str, Path] = {}
+    for name in ("best.safetensors", "best.pt", "average.safetensors"):
+        if (current / name).is_file():
+            names[name] = current / name
+    best, average = manifest.get("best") or {}, manifest.get("average") or {}
+    members = [best.get("member_path"), *(e.get("path") for e in manifest.get("top_k_members") or ()),
+               *(e.get("path") for e in average.get("members") or ())]
+    for rel in members:
+        if rel and rel not in names:
+            path = local_output / rel
+            if not path.is_file():
+                raise RemoteOutputError(f"{path}: the member copy named by the staged manifest is missing; "
+                                        "the run is recovered first, then published")
+            names[rel] = path
+    files = []
+    for name, path in sorted(names.items()):
+        sha, size = hashes.sha256(path)
+        files.append(StagedFile(name, path, size, sha))
+    version = _package_version(manifest)
+    package = None
+    if version is not None:
+        pkg = local_output / COREML / version
+        if pkg.is_dir():
+            package = StagedPackage(version, tuple(
+                (p.relative_to(pkg).as_posix(), p, p.stat().st_size) for p in sorted(pkg.rglob("*")) if p.is_file()))
+    return Staged(manifest, hashlib.sha256(raw).hexdigest(), tuple(files), version, package)
+
+
+# --- the remote side -----------------------------------------------------------------------------------------------
+def read_manifest(fs: Any, base: str) -> dict[str, Any] | None:
+    """The remote manifest under ``base`` (``bucket/prefix``), or None when there is none or it is unreadable.
+    A reader reads this, then the objects it names (keys relative to ``base``)."""
+    try:
+        data = fs.cat_file(f"{base}/{MANIFEST}")
+    except FileNotFoundError:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def list_objects(fs: Any, base: str) -> dict[str, int]:
+    """Keys (relative to ``base``) and sizes under ``objects/`` and ``coreml/``: one fresh listing each."""
+    out: dict[str, int] = {}
+    for prefix in PREFIXES:
+        root = f"{base}/{prefix}"
+        fs.invalidate_cache(root)  # fsspec caches listings; the publisher must see the store as it is now
+        try:
+            found = fs.find(root, detail=True)
+        except FileNotFoundError:
+            continue
+        for path, info in found.items():
+            if info.get("type", "file") == "file":
+                out[path[len(base) + 1:]] = int(info.get("size") or 0)
+    return out
+
+
+class ObjectPublisher:
+    """Publishes one stream's staged outputs under ``base_path`` (``bucket/out/w/run``) of the filesystem ``fs``."""
+
+    def __init__(self, fs: Any, base_path: str, log: Any) -> None:
+        self.fs = fs
+        self.base = base_path.rstrip("/")
+        self.log = log
+        self.hashes = Hashes()
+
+    def publish(self, local_output: Path, generation: int | None = None) -> dict[str, Any]:
+        """Upload what is missing, PUT the manifest (the commit), delete what neither it nor the previous one
+        names. Returns ``{"manifest", "uploaded", "deleted", "committed"}``. Raises :class:`RemoteOutputError`
+        (the previous remote manifest stays valid)."""
+        try:
+            staged = collect(local_output, self.hashes)
+        except (OSError, ValueError) as exc:
+            raise RemoteOutputError(f"cannot read the staged outputs in {local_output}: {exc}") from exc
+        if staged is None:
+            return {"manifest": None, "uploaded": [], "deleted": [], "committed": False}
+        try:
+            remote = read_manifest(self.fs, self.base)
+            self._check_generation(remote, generation)
+            plan = plan_publication(staged, list_objects(self.fs, self.base), remote, generation)
+            for key, path in plan.uploads:
+                self.fs.put_file(os.fspath(path), f"{self.base}/{key}")
+            if plan.write_manifest:
+                body = (json.dumps(plan.manifest, indent=2) + "\n").encode()
+                self.fs.pipe_file(f"{self.base}/{MANIFEST}", body)
+        except RemoteOutputError:
+            raise
+        except Exception as exc:  # s3fs/botocore raise their own types: every one leaves the old manifest valid
+            raise RemoteOutputError(f"{type(exc).__name__}: {exc}") from exc
+        deleted = self._delete(plan.deletes)
+        return {"manifest": plan.manifest, "uploaded": [k for k, _ in plan.uploads], "deleted": deleted,
+                "committed": plan.write_manifest}
+
+    def up_to_date(self, local_output: Path) -> bool:
+        """Is the remote manifest built from the committed local one? One small GET, no hashing."""
+        local = local_manifest_sha256(local_output)
+        if local is None:
+            return True
+        try:
+            remote = read_manifest(self.fs, self.base)
+        except Exception as exc:  # noqa: BLE001 - an unreachable store: not up to date, publish() reports why
+            self.log.debug("outputs.remote_unknown", reason=f"{type(exc).__name__}: {exc}")
+            return False
+        return remote is not None and remote.get(MANIFEST_SOURCE) == local
+
+    def _check_generation(self, remote: Mapping[str, Any] | None, generation: int | None) -> None:
+        """A late writer (a daemon that lost the run's lease) must not replace a newer state."""
+        theirs = (remote or {}).get("generation")
+        if generation is not None and isinstance(theirs, int) and theirs > generation:
+            raise RemoteOutputError(f"the remote manifest is at generation {theirs}, newer than this publication's "
+                                    f"{generation}; another daemon owns the run now, nothing was written")
+
+    def _delete(self, keys: tuple[str, ...]) -> list[str]:
+        """After the commit: a failure only leaves garbage that the next publication removes."""
+        if not keys:
+            return []
+        try:
+            self.fs.rm([f"{self.base}/{k}" for k in keys])
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("outputs.remote_cleanup_failed", objects=len(keys), action="retry next publication",
+                             reason=f"{type(exc).__name__}: {exc}")
+            return []
+        return list(keys)
