@@ -20,6 +20,7 @@ from ckptd.daemon.policy import Record, ranked
 from ckptd.errors import CkptdError
 from ckptd.file_checks import refusal
 from ckptd.metric_sources import find_value
+from ckptd.remote.display import shown_output, shown_path
 from ckptd.trainers import StreamPlan, pick_weights
 
 MAX_LISTED = 200  # ignored files listed per run (the rest are counted)
@@ -97,8 +98,9 @@ def explain_run(watch: Watch, policy: Policy, run_dir: Path, output: Path | None
             loaded.append((rel, run_dir / rel, None, None, refused) if refused else
                           (rel, run_dir / rel, *_load(run_dir / rel, allow)))
     return {
-        "watch": watch.name, "run": run_name(watch.root, run_dir), "run_dir": str(run_dir),
-        "output": str(output) if output else None, "trainer": plan.trainer,
+        "watch": watch.name, "run": run_name(watch.root, run_dir), "run_dir": shown_path(watch, run_dir),
+        "output": shown_output(watch, run_name(watch.root, run_dir), output) if output else None,
+        "trainer": plan.trainer,
         "detected_because": plan.detected_because, "metric_where": plan.metric_where,
         "problems": list(plan.problems),
         "streams": [explain_stream(s, loaded, policy) for s in plan.streams],
@@ -116,7 +118,7 @@ def explain_config(config: Config) -> list[dict[str, Any]]:
             try:
                 output = resolve_output(watch.output, watch.name, run_name(watch.root, run_dir))
             except CkptdError as exc:
-                out.append({"watch": watch.name, "run_dir": str(run_dir), "error": str(exc)})
+                out.append({"watch": watch.name, "run_dir": shown_path(watch, run_dir), "error": str(exc)})
                 continue
             out.append(explain_run(watch, policy, run_dir, output))
     return out

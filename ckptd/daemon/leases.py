@@ -168,8 +168,9 @@ class LeaseStore:
 
     def fence(self, db: Database, watch: str, run: str) -> int:
         """Inside the publishing transaction (``with ledger.transaction() as db``): bump and return the run's
-        generation when we still hold a lease on it with at least ttl/3 left; else raise :class:`LeaseLost` (the transaction
-        rolls back). The row stays locked until the transaction ends (PostgreSQL), so a takeover waits for it."""
+        generation when we still hold a lease on it with at least ttl/3 left; else raise :class:`LeaseLost` (the
+        transaction rolls back). The row stays locked until the transaction ends (PostgreSQL), so a takeover waits
+        for it."""
         # a margin of ttl/3 (the heartbeat renews every ttl/3): once this passes, no other daemon can claim the run
         # for at least that long, which covers the swap that follows the commit
         row = db.execute(f"UPDATE leases SET generation = generation + 1 WHERE watch=? AND run=? AND holder=? "

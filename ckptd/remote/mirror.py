@@ -190,9 +190,9 @@ class ObjectMirror:
         """Every object under the prefix (key relative to it -> ref), from one listing, and its duration."""
         fs, base = self.filesystem()
         started = time.monotonic()
-        fs.invalidate_cache(base)  # the listing is the truth: never a cached one
+        _forget_listing(fs, base)  # the listing is the truth: never a cached one
         found = fs.find(base, detail=True, withdirs=False)
-        fs.invalidate_cache(base)  # and do not keep a copy of every entry in the filesystem's cache
+        _forget_listing(fs, base)  # and do not keep a copy of every entry in the filesystem's cache
         seconds = time.monotonic() - started
         out: dict[str, ObjectRef] = {}
         for name, info in found.items():
@@ -352,6 +352,26 @@ class ObjectMirror:
         with _lock:
             for key in [k for k in _STUBS if k.startswith(prefix)]:
                 del _STUBS[key]
+
+
+def _forget_listing(fs: Any, base: str) -> None:
+    """Drop the filesystem's cached listings of ``base`` and everything under it. ``invalidate_cache(base)``
+    alone keeps the sub-folders a recursive ``find`` cached, and s3fs answers ``info``/``size`` from those: a
+    small object new since the previous listing was then "not found" when fetched, at every refresh."""
+    fs.invalidate_cache(base)
+    cache = getattr(fs, "dircache", None)
+    if cache is None:
+        return
+    prefix = base + "/"
+    for _ in range(3):  # another thread may fill the cache meanwhile (the outputs' publisher shares it)
+        try:
+            stale = [key for key in list(cache) if key.startswith(prefix)]
+        except RuntimeError:
+            continue
+        for key in stale:
+            cache.pop(key, None)
+        return
+    fs.invalidate_cache()
 
 
 def _remove_tree(path: Path) -> None:

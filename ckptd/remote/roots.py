@@ -12,6 +12,7 @@ the calling thread, as before.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -238,9 +239,13 @@ class RemoteRoots:
         self._hints.clear()
         self._groups.clear()
         with self._lock:
-            for lister in self._listers.values():
-                lister.close(forget=False)
+            listers = list(self._listers.values())
             self._listers.clear()
+        for lister in listers:  # all asked first: the waits overlap, however many watches
+            lister.close(forget=False, timeout=0)
+        deadline = time.monotonic() + CLOSE_WAIT
+        for lister in listers:
+            lister.close(forget=False, timeout=max(0.0, deadline - time.monotonic()))
 
 
 def committed_objects(change: MirrorChange, paths: Iterable[Path],
