@@ -260,3 +260,23 @@ class _Log:
 
     def __getattr__(self, level: str) -> Any:
         return lambda event, **kw: self.events.append((event, kw))
+
+
+def test_check_explain_lists_an_object_store_watch_and_reads_its_checkpoints(s3: S3Endpoint, tmp_path: Path) -> None:
+    """``check --explain`` is a dry run that reads checkpoints: for an object-store watch it lists the store first,
+    so the candidates' metrics come from the objects (a stub read without its registry would be zeros)."""
+    import subprocess
+
+    from tests.conftest import PYTHON, subprocess_env
+
+    bucket = s3.bucket()
+    client = s3.client()
+    for i, metric in enumerate((0.3, 0.9)):
+        client.put_object(Bucket=bucket, Key=f"runs/exp/ckpt_{i}.pt", Body=_checkpoint(i, metric))
+    config = write_config(tmp_path, watch={"root": f"s3://{bucket}/runs", "mode": "poll"})
+    done = subprocess.run([PYTHON, "-m", "ckptd.cli", "check", "-c", str(config), "--explain", "--json"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(done.stdout)
+    rows = runs[0]["streams"][0]["candidates"]
+    assert sorted(r["metric"] for r in rows) == [0.3, 0.9] and not any(r["error"] for r in rows), rows

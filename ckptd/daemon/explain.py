@@ -114,6 +114,11 @@ def explain_config(config: Config) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for watch in config.watches:
         policy = config.policy_for(watch)
+        if watch.remote:
+            problem = _list_remote(watch)
+            if problem:
+                out.append({"watch": watch.name, "run_dir": shown_path(watch, watch.root), "error": problem})
+                continue
         for run_dir in list_runs(watch):
             try:
                 output = resolve_output(watch.output, watch.name, run_name(watch.root, run_dir))
@@ -122,6 +127,20 @@ def explain_config(config: Config) -> list[dict[str, Any]]:
                 continue
             out.append(explain_run(watch, policy, run_dir, output))
     return out
+
+
+def _list_remote(watch: Watch) -> str | None:
+    """An object-store watch is explained from a fresh listing (its mirror's stubs registered, so reads go to the
+    store: a dry run reads checkpoints, so it needs the store, unlike plain ``ckptd check``). The reason on
+    failure."""
+    from ckptd.daemon.logs import get_logger
+    from ckptd.remote.mirror import ObjectMirror
+
+    try:
+        ObjectMirror(watch, get_logger()).refresh()
+    except Exception as exc:  # noqa: BLE001 (any store failure: reported for this watch)
+        return f"cannot list {shown_path(watch, watch.root)}: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _num(v: float | None) -> str:
