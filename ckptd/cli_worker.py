@@ -1,9 +1,11 @@
 """``ckptd worker -c CONFIG [--capability macos] [--concurrency N]``: run queued CoreML exports on this host.
 
 The worker reads the config for its ``ledger`` (a PostgreSQL URL: the queue lives in that database) and ``log``;
-everything an export needs travels in the job. procrastinate's worker fetches the jobs of one queue (``exports``,
-or ``exports-macos`` with ``--capability macos``), ``concurrency`` at a time, each in its own export child
-(:mod:`ckptd.queue.task`).
+everything an export needs travels in the job, but for a run with an object-store output: there the worker takes
+the watch (by name) for its output URL and storage options, and its own ``state_dir`` for scratch space (the input
+is downloaded, the package built there and uploaded; see :mod:`ckptd.queue.remote`). procrastinate's worker
+fetches the jobs of one queue (``exports``, or ``exports-macos`` with ``--capability macos``), ``concurrency`` at
+a time, each in its own export child (:mod:`ckptd.queue.task`).
 
 Dead workers: every worker sends a heartbeat every ``--stalled-after``/3 seconds; a job still ``doing`` under a
 worker whose heartbeat is older than ``--stalled-after`` (killed, host lost) is put back in the queue by any live
@@ -16,13 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptd.units import parse_duration
+
+if TYPE_CHECKING:
+    from ckptd.daemon.config import Config
 
 
 def add_worker_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,6 +46,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from ckptd.daemon.ledger_db import is_pg
     from ckptd.daemon.logs import configure_logging
     from ckptd.errors import ConfigError
+    from ckptd.queue.app import quiet_library_logs
 
     config = load_config(args.config, check_paths=False)
     target = ledger_target(config)
@@ -55,17 +60,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError:
         raise ConfigError("--stalled-after", [f"expected a duration like 30s, not {args.stalled_after!r}"]) from None
     configure_logging(config.log.format, config.log.level)
-    if config.log.level != "debug":
-        logging.getLogger("procrastinate").setLevel(logging.WARNING)
-    return asyncio.run(Worker(str(target), args.capability, args.concurrency, max(stalled_after, 1.0)).run())
+    quiet_library_logs()
+    return asyncio.run(Worker(str(target), args.capability, args.concurrency, max(stalled_after, 1.0),
+                              config=config).run())
 
 
 class Worker:
-    def __init__(self, url: str, capability: str, concurrency: int, stalled_after: float) -> None:
+    def __init__(self, url: str, capability: str, concurrency: int, stalled_after: float,
+                 config: Config | None = None) -> None:
         from ckptd.daemon.logs import get_logger
         from ckptd.queue.app import queue_name
 
-        self.url, self.concurrency, self.stalled_after = url, concurrency, stalled_after
+        self.url, self.concurrency, self.stalled_after, self.config = url, concurrency, stalled_after, config
         self.queue = queue_name(capability)
         self.holder = f"worker@{socket.gethostname()}:{os.getpid()}"  # never a daemon's host:pid (see Ledger)
         self.log = get_logger(worker=self.holder)
@@ -79,7 +85,7 @@ class Worker:
         if await asyncio.to_thread(ensure_schema, self.url):
             self.log.info("queue.schema_created", reason="first use of the export queue in this database")
         ledger = await asyncio.to_thread(Ledger, self.url, holder=self.holder)
-        task = ExportTask(ledger, self.log, self.holder)
+        task = ExportTask(ledger, self.log, self.holder, self.config)
         app = make_app(self.url, max_size=self.concurrency + 4)
 
         def export(context: Any, **args: Any) -> str:
@@ -122,6 +128,7 @@ class Worker:
                     await rescue
         finally:
             ledger.close()
+            task.close()
         self.log.info("worker.stopped")
         return 0
 

@@ -174,6 +174,46 @@ def test_retry_after_a_kill_between_move_and_commit_publishes_that_package_once(
     ledger.close()
 
 
+def test_a_failed_attempt_is_recorded_and_retried_with_the_ledgers_backoff(pg_url: str, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from ckptd.daemon.ledger import Ledger
+    from ckptd.daemon.logs import get_logger
+    from ckptd.queue import store
+    from ckptd.queue.app import AttemptFailed, WorkerStopping, ensure_schema, retry_strategy
+    from ckptd.queue.payload import Payload
+    from ckptd.queue.task import ExportTask
+
+    strategy = retry_strategy()
+
+    def decide(exc: BaseException, attempts: int) -> Any:
+        return strategy.get_retry_decision(exception=exc, job=SimpleNamespace(attempts=attempts))
+
+    now = time.time()
+    assert [round(decide(AttemptFailed("x", retry=True), n).retry_at.timestamp() - now) for n in (0, 1, 2)] == \
+        [30, 120, 600]
+    assert decide(AttemptFailed("x", retry=True), 3) is None and decide(AttemptFailed("x", retry=False), 0) is None
+    assert round(decide(WorkerStopping(), 5).retry_at.timestamp() - now) == 0  # a stopping worker: back at once
+
+    ensure_schema(pg_url)
+    ledger = Ledger(pg_url, holder="daemon-host:1")
+    out = tmp_path / "out"
+    (out / ".exports/inputs").mkdir(parents=True)
+    link_input = out / ".exports/inputs/x.safetensors"
+    link_input.write_bytes(b"not even weights")
+    export_id = store.insert_queued(ledger, "w", "r", "model", "a.pt", "a" * 64, 0.5, 1)
+    request = {"factory": "no_such_module:build", "inputs": [{"name": "image", "shape": [1, 3, 8, 8]}]}
+    payload = Payload(export_id=export_id, watch="w", run="r", stream="model", policy="default", output=str(out),
+                      input=str(link_input), source="a.pt", sha256="a" * 64, metric=0.5, step=1, request=request,
+                      timeout=60, keep=1, publish_partial=False)
+    with pytest.raises(AttemptFailed) as failed:
+        ExportTask(ledger, get_logger(), "worker@h:1").run(SimpleNamespace(id=1, attempts=0), payload.to_args())
+    assert failed.value.retry and "no_such_module" in str(failed.value)
+    assert [r[1] for r in _rows(pg_url, "r")] == ["failed"] and link_input.exists()  # kept for the retry
+    assert store.claim(ledger, export_id, "worker@h:2") == "claimed"  # the retry takes the row over
+    ledger.close()
+
+
 def test_queue_needs_a_postgresql_ledger(tmp_path: Path) -> None:
     from ckptd.daemon.config import load_config
     from ckptd.errors import ConfigError

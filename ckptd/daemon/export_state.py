@@ -4,6 +4,11 @@ Why: the block used to be read back from ``manifest.json`` to build the next one
 the only store of the export history (a lost or hand-edited manifest changed what the daemon believed). Now every
 export attempt is a ledger row, and :func:`coreml_block` derives the block from the newest result plus the newest
 published row, so the run's worker and the export thread can both rewrite the manifest at any time and agree.
+
+A package a queue worker published to an object-store output (``ckptd.queue.remote``) has no local link: its row's
+``path`` is the URL of its versioned prefix (``s3://…/coreml/<version>``), and the block names that URL as its
+``path`` (``coreml/<version>`` as its ``version``); the remote publication turns it into the key relative to the
+run's base (``ckptd.remote.object_outputs``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 from ckptd.daemon.config import Policy
 from ckptd.daemon.evaluation_store import GateState
 from ckptd.daemon.ledger import ExportRow, Ledger, MemberRow
+from ckptd.export.runner import VERSIONS_DIR
+from ckptd.remote.urls import is_remote
 
 PACKAGE_LINK = "best.mlpackage"
 
@@ -60,14 +67,20 @@ def coreml_block(ledger: Ledger, watch: str, run: str, output: Path, *, stream: 
         return None
     block = _describe(latest, output)
     if latest.status in ("ok", "partial"):
-        block["path"] = PACKAGE_LINK
+        block["path"] = package_path(latest)
         return block
     ok = ledger.last_ok_export(watch, run, stream=stream)
     last_ok = None if ok is None else {k: v for k, v in _describe(ok, output).items()
                                        if k in ("source", "sha256", "metric", "step", "version", "exported_at")}
     block.update({"status": "failed", "reason": latest.reason, "last_ok": last_ok,
-                  "path": PACKAGE_LINK if last_ok else None})
+                  "path": package_path(ok) if ok is not None else None})
     return block
+
+
+def package_path(row: ExportRow) -> str:
+    """Where readers find a published row's package: ``best.mlpackage`` (the link in the output), or the URL of
+    its prefix in the object store (no links there)."""
+    return row.path if row.path and is_remote(row.path) else PACKAGE_LINK
 
 
 def _describe(row: ExportRow, output: Path) -> dict[str, Any]:
@@ -78,7 +91,9 @@ def _describe(row: ExportRow, output: Path) -> dict[str, Any]:
         "seconds": round(max(0.0, finished - row.started_at), 2),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
     }
-    if row.path:
+    if row.path and is_remote(row.path):
+        block["version"] = f"{VERSIONS_DIR}/{row.path.rstrip('/').rsplit('/', 1)[-1]}"
+    elif row.path:
         block["version"] = os.path.relpath(row.path, output)
     return block
 

@@ -49,6 +49,7 @@ from ckptd.formats import check_complete
 from ckptd.metric_sources import ValueSource, first_value
 from ckptd.reader import read_checkpoint
 from ckptd.remote.mirror import canonical, local
+from ckptd.remote.urls import is_remote
 from ckptd.trainers import StreamPlan, pick_weights
 
 MAX_ATTEMPTS = 3  # a checkpoint that makes processing fail this often is recorded invalid: it never blocks its run
@@ -263,7 +264,8 @@ class RunProcessor:
                     error=None if ok else f"coreml export: {block.get('reason')}")
         if self.hooks is not None:
             self.hooks.fire(self, "on_export", {"CKPTD_EXPORT_STATUS": block.get("status", ""),
-                                                "CKPTD_EXPORT_PATH": str(self.ctx.output / "best.mlpackage"),
+                                                "CKPTD_EXPORT_PATH": str(block["path"]) if is_remote(
+                                                    block.get("path")) else str(self.ctx.output / "best.mlpackage"),
                                                 "CKPTD_SOURCE": str(block.get("source", "")),
                                                 "CKPTD_METRIC": str(block.get("metric", "")),
                                                 "CKPTD_STEP": str(block.get("step", ""))})

@@ -2,13 +2,22 @@
 
 The child gets its own TMPDIR (coremltools leaves temporary packages there until the process exits) and its own
 process group, so a timeout kills it and everything it started; the temp dir is removed afterwards.
+
+Its own process group also means that a parent killed with ``kill -9`` (a worker or daemon outside systemd, whose
+control group would otherwise be killed as a whole) does not take it down: it would run on, an orphan, and write
+into a staging directory the next attempt is about to reuse. So on Linux the child asks the kernel to SIGKILL it
+when its parent goes (``PR_SET_PDEATHSIG``, set first thing in the child by :func:`die_with_parent`, not in a
+``preexec_fn``, which is unsafe in the threaded worker). The kernel's "parent" is the *thread* that started the
+child: here the thread that then waits for it, so it never exits first.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +34,26 @@ _VERSION_RE = re.compile(r"^best-v(\d+)(?:-.*)?\.mlpackage$")
 
 
 ExportProcesses = ChildProcesses  # the name the export scheduler knows
+PARENT_ENV = "CKPTD_EXPORT_PARENT"  # the pid of the process that started the export child
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> bool:
+    """In the export child: be SIGKILLed when the parent that started it dies (Linux ``PR_SET_PDEATHSIG``). If
+    the parent died already (before this ran), die now. Elsewhere, or when prctl is unavailable, a no-op; returns
+    whether the death signal is set."""
+    parent = os.environ.get(PARENT_ENV, "")
+    if not sys.platform.startswith("linux") or not parent.isdigit():
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != int(parent):  # reparented: the parent died between the fork and the prctl
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
 
 
 def run_export(req: ExportRequest, timeout: float, processes: ExportProcesses | None = None) -> ExportResult:
@@ -35,7 +64,7 @@ def run_export(req: ExportRequest, timeout: float, processes: ExportProcesses | 
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-export-"))
     try:
         (tmp / "request.json").write_text(req.to_json())
-        env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1", **{PARENT_ENV: str(os.getpid())})
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         with open(tmp / "worker.log", "wb") as log:

@@ -32,4 +32,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from ckptd.export.runner import die_with_parent
+
+    die_with_parent()  # first: a parent killed with kill -9 must not leave this conversion running
     sys.exit(main(sys.argv[1:]))

@@ -13,7 +13,9 @@ ckptd only creates the schema when it is missing.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from ckptd.errors import CkptdError
 
@@ -87,6 +89,13 @@ def retry_strategy(delays: tuple[float, ...] = RETRY_DELAYS) -> Any:
     return ExportRetry()
 
 
+def quiet_library_logs() -> None:
+    """procrastinate logs every job at INFO; ckptd logs its own line per decision. Keep its warnings and errors
+    (unless the root logger is at DEBUG: then everything)."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("procrastinate").setLevel(logging.WARNING)
+
+
 def make_app(url: str, *, max_size: int = 4) -> Any:
     """The App on ``url`` (the ledger's). Open it with ``app.open()`` (daemon, sync) or ``open_async`` (worker)."""
     procrastinate = import_procrastinate()
@@ -107,10 +116,13 @@ def ensure_schema(url: str) -> bool:
     try:
         with psycopg.connect(url, connect_timeout=10, application_name="ckptd-queue") as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            if conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0] is not None:
+            row = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+            if row is not None and row[0] is not None:
                 return False
-            conn.execute(SchemaManager.get_schema())  # type: ignore[arg-type]  # one script, no placeholders
+            conn.execute(SchemaManager.get_schema())  # one script, no placeholders
             return True
     except psycopg.Error as exc:
+        message = " ".join(str(exc).split())
+        password = urlsplit(url).password
         raise QueueError(f"cannot prepare the export queue in {describe(url)}: "
-                         f"{' '.join(str(exc).split())}") from None
+                         f"{message.replace(password, '***') if password else message}") from None

@@ -2,17 +2,23 @@
 
 The export settings are the policy's *at request time* (a local export job captures them the same way), so a
 worker needs no copy of the daemon's policies and a config reload never changes a job already queued.
+
+A run with an object-store output (``watches[].output: s3://…``) is exported host-independently: the payload names
+the input's key under the run's remote base (``remote_input``, uploaded by the daemon) and the worker derives the
+base and its credentials from its own copy of the config (the watch, by name): a payload never carries credentials.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ckptd.atomic import TEMP_PREFIX
 from ckptd.export.request import ExportRequest
 from ckptd.export.runner import VERSIONS_DIR
+
+REMOTE_INPUTS = "exports/inputs"  # under a run's remote base: inputs uploaded for workers, deleted when done
 
 
 def staging_prefix(export_id: int) -> str:
@@ -23,14 +29,26 @@ def staging_prefix(export_id: int) -> str:
 
 def staging_for(output: Path, export_id: int, attempt: int) -> Path:
     """Where attempt ``attempt`` (procrastinate's count: 0, 1, …) builds the package. One per attempt: the export
-    child of a worker killed with ``kill -9`` is not killed with it (its own process group) and may still write
-    into its own staging; the next attempt never shares that directory."""
+    child of a worker killed with ``kill -9`` dies with it (``PR_SET_PDEATHSIG`` on Linux) but may still be
+    writing for a moment, or run on where that is not available; the next attempt never shares that directory."""
     return output / VERSIONS_DIR / f"{staging_prefix(export_id)}a{attempt}.mlpackage"
 
 
 def version_label(export_id: int, sha256: str) -> str:
     """The version directory's label (``best-vNNNN-<label>.mlpackage``): the export id makes it findable."""
     return f"q{export_id}-{sha256[:12]}"
+
+
+def remote_version(export_id: int, sha256: str, *, partial: bool = False) -> str:
+    """The package's versioned prefix name under ``<base>/coreml/`` for an object-store output. Deterministic
+    (no listing): a retried attempt uploads to the same prefix, and the export id orders versions (a newer
+    request always has a larger id), which is what the publisher's deletion rule relies on."""
+    return f"best-v{export_id:04d}-{version_label(export_id, sha256)}{'-partial' if partial else ''}.mlpackage"
+
+
+def input_key(export_id: int, sha256: str, suffix: str = ".safetensors") -> str:
+    """The key, relative to the run's remote base, of the export input the daemon uploads for a worker."""
+    return f"{REMOTE_INPUTS}/q{export_id}-{sha256[:12]}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,10 @@ class Payload:
     timeout: float
     keep: int
     publish_partial: bool
+    # object-store output: the input's key relative to the run's remote base ("" for a shared local output), and
+    # that base as the daemon saw it (redacted; the worker checks its own config agrees)
+    remote_input: str = ""
+    remote_base: str = ""
 
     def to_args(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,7 +79,8 @@ class Payload:
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> Payload:
         names = {f.name for f in fields(cls)}
-        missing = names - set(args)
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = required - set(args)
         if missing:
             raise ValueError(f"export job payload lacks {sorted(missing)} (a job from another ckptd version?)")
         return cls(**{k: v for k, v in args.items() if k in names})
@@ -65,5 +88,8 @@ class Payload:
     def staging(self, attempt: int) -> Path:
         return staging_for(Path(self.output), self.export_id, attempt)
 
-    def export_request(self, staging: Path) -> ExportRequest:
-        return ExportRequest(**{**self.request, "weights": self.input, "output": str(staging)})
+    def export_request(self, staging: Path, weights: Path | None = None) -> ExportRequest:
+        """The request for one attempt: the package built at ``staging``, from ``weights`` (default: the shared
+        input link; a downloaded copy for an object-store output)."""
+        return ExportRequest(**{**self.request, "weights": str(weights) if weights is not None else self.input,
+                                "output": str(staging)})

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 CLAIMABLE = ("queued", "running", "failed")  # running: a killed worker's attempt; failed: awaiting its retry
 PUBLISHED = ("ok", "partial")
 Claim = Literal["claimed", "published", "superseded", "dropped", "gone"]
+PathOrUrl = Path | str  # a local version directory, or the URL of an object-store package prefix
 _NEWEST = ("NOT EXISTS (SELECT 1 FROM exports n WHERE n.watch = exports.watch AND n.run = exports.run "
            "AND n.stream = exports.stream AND n.id > exports.id)")
 _LIVE_JOBS = ("SELECT id, status, args FROM procrastinate_jobs WHERE task_name = ? AND status IN ('todo', 'doing')")
@@ -107,11 +108,13 @@ def record_result(ledger: Ledger, export_id: int, holder: str, *, capture: str, 
     return bool(rows)
 
 
-def publish(ledger: Ledger, export_id: int, holder: str, status: str, switch: Callable[[], Path]) -> Path | None:
+def publish(ledger: Ledger, export_id: int, holder: str, status: str,
+            switch: Callable[[], PathOrUrl]) -> PathOrUrl | None:
     """Exactly-once publication: in one transaction, flip the row to ``status`` (ok/partial) where it is still
     ``running`` under ``holder`` and the newest request of its run, then call ``switch`` (moves the package into
-    its version directory and switches ``best.mlpackage``) and record its path. 0 rows: ``switch`` is not called,
-    returns None. ``switch`` raising rolls the row back (it stays ``running``; the job's retry finishes it)."""
+    its version directory and switches ``best.mlpackage``; for an object-store output, returns the URL of the
+    package's prefix, uploaded already) and record its path. 0 rows: ``switch`` is not called, returns None.
+    ``switch`` raising rolls the row back (it stays ``running``; the job's retry finishes it)."""
     with ledger.transaction() as db:
         cur = db.execute(f"UPDATE exports SET status=?, reason=NULL, finished_at=? WHERE id=? AND holder=? "
                          f"AND status='running' AND {_NEWEST}", (status, time.time(), export_id, holder))

@@ -12,6 +12,12 @@ kept, so a reader in the middle of the previous manifest is not pulled away. A f
 PUT leaves the previous manifest and every object it names as they were; publishing again finishes the job
 (uploads that already landed are skipped).
 
+A package exported by a queue worker (``ckptd.queue.remote``) is uploaded by that worker, under ``coreml/<version>``
+named by its export id, before its ledger commit; the staged manifest then names the prefix's URL, and the
+publisher names it (``coreml/<version>``) without uploading it again. Such a worker may upload a newer version
+while a publication runs, so a ``coreml/`` version is deleted only when it is *older* (a lower export id) than
+the one the new manifest names and neither manifest names it (:func:`plan_publication`).
+
 The remote manifest is the staged one with every path replaced by its key relative to the base, plus: ``files``
 (local name -> key: ``best.safetensors``, ``average.safetensors``, ``members/…``), ``objects`` (every key it names,
 CoreML files included), ``retained`` (the previous manifest's keys, deleted at the next publication),
@@ -24,19 +30,23 @@ import copy
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ckptd.daemon.publish import MANIFEST, current_dir
 from ckptd.errors import CkptdError
+from ckptd.remote.urls import is_remote
 
 OBJECTS = "objects"
 COREML = "coreml"
 PREFIXES = (OBJECTS, COREML)  # the only prefixes under the base where the publisher ever deletes
 MANIFEST_SOURCE = "staged_manifest_sha256"  # the local manifest this remote one was built from (cheap catch-up)
 _CHUNK = 1 << 20
+_QUEUED_VERSION = re.compile(r"^best-v\d+-q(\d+)-")  # a queue worker's package: the export id orders them
 
 
 class RemoteOutputError(CkptdError):
@@ -78,6 +88,7 @@ class Staged:
     files: tuple[StagedFile, ...]
     package_version: str | None  # the version the manifest's coreml block names (None: no package)
     package: StagedPackage | None  # its files, when it is still staged locally
+    remote_package: str | None = None  # its URL, when a queue worker uploaded it (nothing staged locally)
 
 
 @dataclass(frozen=True)
@@ -104,8 +115,10 @@ def plan_publication(staged: Staged, listing: Mapping[str, int], remote: Mapping
 
     ``listing``: the keys under the base's ``objects/`` and ``coreml/`` with their sizes; ``remote``: the manifest
     in place now (None: none or unreadable). Content-addressed objects already there with the same size are not
-    uploaded again; a package prefix the current manifest names is complete and immutable, so it is skipped too.
-    Deleted: what neither the new manifest nor the one it replaces names (a reader of either finds its objects)."""
+    uploaded again; a package prefix the current manifest names is complete and immutable, so it is skipped too,
+    and so is one a queue worker uploaded (``staged.remote_package``: its files are the listing's under it).
+    Deleted: what neither the new manifest nor the one it replaces names (a reader of either finds its objects),
+    except a ``coreml/`` version newer than the named one (a worker's upload that no manifest names *yet*)."""
     uploads: dict[str, Path] = {}
     for f in staged.files:
         if listing.get(f.key) != f.size:
@@ -118,6 +131,13 @@ def plan_publication(staged: Staged, listing: Mapping[str, int], remote: Mapping
         package_keys = [f"{prefix}/{rel}" for rel, _, _ in staged.package.files]
         if prefix != remote_prefix:  # not yet committed: (re)upload every file, whatever a failed try left
             uploads.update((f"{prefix}/{rel}", path) for rel, path, _ in staged.package.files)
+    elif staged.package_version is not None and staged.remote_package is not None:
+        prefix = f"{COREML}/{staged.package_version}"  # a worker uploaded it before its commit: name it as it is
+        package_keys = sorted(k for k in listing if k.startswith(prefix + "/"))
+        if not package_keys:
+            raise RemoteOutputError(f"the CoreML package {staged.remote_package} that the ledger says a worker "
+                                    "published is not in the object store; nothing was published (the run's "
+                                    "next export replaces it)")
     elif staged.package_version is not None and remote_prefix == f"{COREML}/{staged.package_version}":
         prefix = remote_prefix  # no longer staged here (a daemon that took the run over), but committed remotely
         package_keys = sorted(k for k in named_keys(remote) if k.startswith(prefix + "/"))
@@ -130,7 +150,9 @@ def plan_publication(staged: Staged, listing: Mapping[str, int], remote: Mapping
     else:
         manifest["retained"] = sorted(named_keys(remote) - set(manifest["objects"]))
         keep = set(manifest["objects"]) | set(manifest["retained"])
-    deletes = sorted(k for k in listing if k.split("/", 1)[0] in PREFIXES and k not in keep)
+    named = _queued_id(staged.package_version) if prefix is not None else 0
+    deletes = sorted(k for k in listing if k.split("/", 1)[0] in PREFIXES and k not in keep
+                     and not _newer_package(k, named))
     order = sorted(uploads.items(), key=lambda item: (not item[0].startswith(OBJECTS + "/"), item[0]))
     return Plan(manifest=manifest, uploads=tuple(order), write_manifest=not unchanged,
                 deletes=tuple(deletes))
@@ -166,6 +188,20 @@ def remote_manifest(staged: Staged, package_prefix: str | None, package_keys: li
     if generation is not None:
         m["generation"] = generation
     return m
+
+
+def _queued_id(version: str | None) -> int:
+    """The export id of a queue worker's package version (0 for any other: those are uploaded by the publisher
+    itself, never concurrently with it)."""
+    m = _QUEUED_VERSION.match(version or "")
+    return int(m.group(1)) if m else 0
+
+
+def _newer_package(key: str, named: int) -> bool:
+    """Is ``key`` in a queue worker's package newer than the version the new manifest names (export id
+    ``named``)? Such a worker uploads before its commit; the daemon names it at its next publication."""
+    parts = key.split("/")
+    return len(parts) > 2 and parts[0] == COREML and _queued_id(parts[1]) > named
 
 
 def _comparable(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -256,12 +292,20 @@ def collect(local_output: Path, hashes: Hashes | None = None) -> Staged | None:
         files.append(StagedFile(name, path, size, sha))
     version = _package_version(manifest)
     package = None
-    if version is not None:
+    remote_package = _remote_package(manifest) if version is not None else None
+    if version is not None and remote_package is None:
         pkg = local_output / COREML / version
         if pkg.is_dir():
             package = StagedPackage(version, tuple(
                 (p.relative_to(pkg).as_posix(), p, p.stat().st_size) for p in sorted(pkg.rglob("*")) if p.is_file()))
-    return Staged(manifest, hashlib.sha256(raw).hexdigest(), tuple(files), version, package)
+    return Staged(manifest, hashlib.sha256(raw).hexdigest(), tuple(files), version, package, remote_package)
+
+
+def _remote_package(manifest: Mapping[str, Any]) -> str | None:
+    """The URL of the package when the staged manifest's coreml block names one in the object store."""
+    coreml = manifest.get("coreml")
+    path = coreml.get("path") if isinstance(coreml, dict) else None
+    return path if isinstance(path, str) and is_remote(path) else None
 
 
 # --- the remote side -----------------------------------------------------------------------------------------------
@@ -314,6 +358,7 @@ class ObjectPublisher:
             raise RemoteOutputError(f"cannot read the staged outputs in {local_output}: {exc}") from exc
         if staged is None:
             return {"manifest": None, "uploaded": [], "deleted": [], "committed": False}
+        self._check_package(staged)
         try:
             remote = read_manifest(self.fs, self.base)
             self._check_generation(remote, generation)
@@ -342,6 +387,16 @@ class ObjectPublisher:
             self.log.debug("outputs.remote_unknown", reason=f"{type(exc).__name__}: {exc}")
             return False
         return remote is not None and remote.get(MANIFEST_SOURCE) == local
+
+    def _check_package(self, staged: Staged) -> None:
+        """A package a worker uploaded must be under this base: the remote manifest names it relative to it."""
+        if staged.remote_package is None:
+            return
+        parts = urlsplit(staged.remote_package)
+        if f"{parts.netloc}{parts.path}".rstrip("/") != f"{self.base}/{COREML}/{staged.package_version}":
+            raise RemoteOutputError(f"the CoreML package {staged.remote_package} is not under this run's output "
+                                    f"({self.base}): was the output template changed? The run's next export "
+                                    "publishes one under the new output")
 
     def _check_generation(self, remote: Mapping[str, Any] | None, generation: int | None) -> None:
         """A late writer (a daemon that lost the run's lease) must not replace a newer state."""
