@@ -10,12 +10,14 @@ evaluation that wins replaces it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptd.daemon import evaluation_store as store
 from ckptd.daemon.evaluation_store import GateState
 from ckptd.daemon.ledger import MemberRow
+from ckptd.daemon.outputs import localize
 from ckptd.daemon.policy import Record
 from ckptd.daemon.publish import AVERAGE
 from ckptd.daemon.soup import SoupDecision, winner
@@ -29,7 +31,11 @@ def _where(proc: RunProcessor) -> tuple[str, str, str]:
 
 
 def load(proc: RunProcessor) -> GateState:
-    return store.load_gate(proc.ledger, *_where(proc))
+    state = store.load_gate(proc.ledger, *_where(proc))
+    if not state.members:
+        return state
+    members = tuple(localize(m, proc.ctx.output) for m in state.members)  # another daemon's copies: ours
+    return state if members == state.members else replace(state, members=members)
 
 
 def decision_key(proc: RunProcessor, members: Sequence[MemberRow]) -> str:

@@ -40,6 +40,16 @@ def member_path(output: Path, source: str, sha256: str) -> Path:
     return output / MEMBERS_DIR / f"{stem}-{sha256[:12]}.safetensors"
 
 
+def localize(member: MemberRow, output: Path) -> MemberRow:
+    """The member with its copy's path in *this* daemon's output. The ledger may name a copy under another
+    daemon's output (several daemons sharing a PostgreSQL ledger, each staging object-store outputs in its own
+    state_dir; or a shared output mounted elsewhere): copies are named by source and content, so the same name
+    under our output is the same copy (rebuilt from the source if it is not there yet)."""
+    if Path(member.file).parent == output / MEMBERS_DIR:
+        return member
+    return MemberRow(member.record, str(member_path(output, member.record.path, member.record.sha256)))
+
+
 def write_member(path: Path, weights: Mapping[str, torch.Tensor], *, source: str, sha256: str,
                  metric: float | None, step: int | None, layout: str, source_size: int = -1,
                  source_mtime_ns: int = -1, stream: str = "model") -> None:

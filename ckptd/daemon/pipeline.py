@@ -29,6 +29,7 @@ from ckptd.daemon.ledger import FINAL_STATUSES, CheckpointRow, Ledger, MemberRow
 from ckptd.daemon.outputs import (
     AVERAGE,
     build_manifest,
+    localize,
     manifest_unchanged,
     member_path,
     publish,
@@ -128,7 +129,8 @@ class RunProcessor:
     # --- ledger views -------------------------------------------------------------------------------------
     def members(self) -> list[MemberRow]:
         """Current members, best first."""
-        rows = self.ledger.members(self.ctx.watch.name, self.ctx.run, stream=self.ctx.stream)
+        rows = [localize(r, self.ctx.output)
+                for r in self.ledger.members(self.ctx.watch.name, self.ctx.run, stream=self.ctx.stream)]
         by_record = {r.record: r for r in rows}
         return [by_record[r] for r in ranked([r.record for r in rows], self.ctx.policy.metric.mode)]
 
