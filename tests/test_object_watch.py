@@ -215,13 +215,13 @@ def test_dcp_folder_on_s3_is_committed_and_read_through_the_store(s3: S3Endpoint
     opt.step()
     folder = tmp_path / "dcp"
     dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(folder), no_dist=True)
-    for f in sorted(folder.iterdir(), key=lambda f: f.name != ".metadata"):  # .metadata first: the worst case
+    for f in sorted(folder.iterdir(), key=lambda f: f.name == ".metadata"):  # .metadata last, as DCP writes it
         _put(s3, bucket, f"runs/exp/step-10/{f.name}", f.read_bytes())
     m = _mirror(tmp_path, bucket)
     m.refresh()
     stub_folder = m.root / "exp/step-10"
     assert checkpoint_folder_kind(stub_folder) == "dcp"
-    obs = observe_folder(stub_folder, "dcp")  # uploaded in one second: whole seconds compare, marker counts
+    obs = observe_folder(stub_folder, "dcp")  # LastModified has whole seconds: the marker's second is not older
     assert obs is not None and obs.commit_ok
     STATS.reset()
     with read_checkpoint(stub_folder) as reader:

@@ -34,7 +34,7 @@ from tests.s3_server import S3Endpoint
 from tests.test_export_queue import COREML, WorkerProcess, _has, _rows
 
 REPO = Path(__file__).resolve().parent.parent
-V = "best-v{0:04d}-q{0}-{1}.mlpackage"
+V = "best-v{0:04d}-q{0}-a{2}-{1}.mlpackage"  # export id, sha256[:12], attempt
 
 
 # --- the publication plan: a worker's package, and one it uploaded that no manifest names yet ------------------------
@@ -47,7 +47,7 @@ def _staged(version: str | None, url: str | None, sha: str = "m") -> Staged:
 
 
 def test_plan_names_a_workers_package_and_never_deletes_a_newer_one() -> None:
-    v5, v7, v9 = V.format(5, "a" * 12), V.format(7, "b" * 12), V.format(9, "c" * 12)
+    v5, v7, v9 = V.format(5, "a" * 12, 0), V.format(7, "b" * 12, 0), V.format(9, "c" * 12, 1)
     listing = {f"objects/{'a' * 64}.safetensors": 10, f"coreml/{v5}/Manifest.json": 2,
                f"coreml/{v7}/Manifest.json": 2, f"coreml/{v7}/Data/model.mlmodel": 5,
                f"coreml/{v9}/Manifest.json": 2,  # a worker's upload, committed after this publication read the ledger
@@ -65,7 +65,7 @@ def test_plan_names_a_workers_package_and_never_deletes_a_newer_one() -> None:
     # a manifest without any package deletes no worker's package
     assert not plan_publication(_staged(None, None, "o"), listing2, None).deletes
     with pytest.raises(RemoteOutputError, match="not in the object store"):
-        plan_publication(_staged(V.format(11, "d" * 12), "s3://b/out/run/coreml/x"), listing, None)
+        plan_publication(_staged(V.format(11, "d" * 12, 0), "s3://b/out/run/coreml/x"), listing, None)
 
 
 # --- the worker's task against the real store: a retry after a kill mid-upload -------------------------------------
@@ -98,7 +98,7 @@ def _prefixes(fs: Any, base: str) -> set[str]:
     return {k.split("/")[1] for k in _keys(fs, base, "coreml")}
 
 
-def test_a_retry_after_a_kill_mid_upload_uploads_the_same_prefix_and_commits_once(
+def test_a_retry_after_a_kill_mid_upload_uploads_its_own_prefix_and_commits_once(
         s3: S3Endpoint, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault injection by hand: the state a worker killed while uploading leaves (part of the prefix, a stale
     file in it, its row ``running``); then a superseded request's late attempt, which must delete its prefix."""
@@ -135,10 +135,12 @@ def test_a_retry_after_a_kill_mid_upload_uploads_the_same_prefix_and_commits_onc
     export_id = store.insert_queued(ledger, "w", "exp", "model", "a.pt", sha, 0.5, 1)
     p = payload(export_id, sha)
     assert store.claim(ledger, export_id, "worker@dead:1") == "claimed"
-    version = remote_version(export_id, sha)
-    fs.pipe_file(f"{base}/coreml/{version}/stale-from-the-killed-attempt", b"x")
+    killed = remote_version(export_id, sha, attempt=0)  # what the killed attempt left: part of its own prefix
+    fs.pipe_file(f"{base}/coreml/{killed}/stale-from-the-killed-attempt", b"x")
     task = ExportTask(ledger, get_logger(), "worker@live:2", config)
     assert task.run(SimpleNamespace(id=1, attempts=1), p.to_args()) == "published"
+    version = remote_version(export_id, sha, attempt=1)  # each attempt its own prefix: a zombie never mixes in
+    assert killed not in _prefixes(fs, base)  # the committing attempt deleted the killed one's leftovers
     rows = _rows(pg_url)
     assert [(r[1], r[2], r[3]) for r in rows] == [("ok", "worker@live:2", f"s3://{bucket}/out/w/exp/coreml/{version}")]
     files = _keys(fs, base, f"coreml/{version}")
@@ -158,7 +160,7 @@ def test_a_retry_after_a_kill_mid_upload_uploads_the_same_prefix_and_commits_onc
     with monkeypatch.context() as patched:
         patched.setattr(store, "claim", lambda *a, **k: "claimed")
         assert task.run(SimpleNamespace(id=2, attempts=0), p_old.to_args()) == "superseded"
-    assert remote_version(old, old_sha) not in _prefixes(fs, base)
+    assert not [v for v in _prefixes(fs, base) if v.startswith(f"best-v{old:04d}-q{old}-")]
     assert f"exports/inputs/q{old}-{old_sha[:12]}.safetensors" not in _keys(fs, base, "exports/inputs")
     assert [r[1] for r in _rows(pg_url)] == ["ok", "superseded", "queued"]
     ledger.close()
@@ -210,7 +212,7 @@ def test_workers_on_other_hosts_publish_under_versioned_prefixes_once_even_after
         daemon.wait_for(_has("export.published"), 90, "the first export published")
         first = _wait_manifest(fs, base, lambda m: (m.get("coreml") or {}).get("status") == "ok")
         (a_row,) = _rows(pg_url)
-        v_a = V.format(a_row[0], first["coreml"]["sha256"][:12])
+        v_a = V.format(a_row[0], first["coreml"]["sha256"][:12], 0)
         assert a_row[1] == "ok" and a_row[3] == f"s3://{bucket}/out/w/exp/coreml/{v_a}"
         assert first["coreml"]["path"] == f"coreml/{v_a}" and first["coreml"]["source"] == str(run / "a.pt")
         assert f"coreml/{v_a}/Manifest.json" in first["objects"]
@@ -243,7 +245,7 @@ def test_workers_on_other_hosts_publish_under_versioned_prefixes_once_even_after
         assert daemon.stop() == 0 and codes == [0]
     rows = _rows(pg_url)
     assert [r[1] for r in rows] == ["ok", "ok"] and rows[1][2] == workers[1].events()[0]["worker"]
-    v_b = V.format(rows[1][0], second["coreml"]["sha256"][:12])
+    v_b = V.format(rows[1][0], second["coreml"]["sha256"][:12], 1)  # the retry after the kill
     assert rows[1][3] == f"s3://{bucket}/out/w/exp/coreml/{v_b}"
     assert second["coreml"]["path"] == third["coreml"]["path"] == f"coreml/{v_b}"
     assert second["coreml"]["status"] == "ok" and second["coreml"]["verification"]["package_run"] == "ok"

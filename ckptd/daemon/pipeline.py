@@ -43,6 +43,7 @@ from ckptd.errors import (
     CheckpointError,
     CkptdError,
     IncompleteCheckpointError,
+    LeaseLost,
     WeightsNotFoundError,
 )
 from ckptd.file_checks import refusal
@@ -179,6 +180,14 @@ class RunProcessor:
                                         f"{exc.strerror or exc}; nothing was published, the previous outputs stay; "
                                         "retrying after a back-off") from exc
             raise
+
+    def _check_lease(self) -> None:
+        """Raise :class:`LeaseLost` unless this daemon still holds the run (with the fence's margin): checked in
+        the ledger before a candidate's decision is recorded, as every publication is."""
+        if self.fence is None:
+            return
+        with self.ledger.transaction() as db:
+            self.generation = self.fence(db)
 
     def _fenced(self, inner: Callable[[], None] | None) -> Callable[[], None]:
         """``inner`` preceded by a lease check in a transaction of its own (LeaseLost aborts the publication)."""
@@ -367,6 +376,8 @@ class RunProcessor:
         except OutputUnavailable:
             self.metrics.processed.labels(outcome="output_error").inc()
             raise
+        except LeaseLost:
+            raise  # the run is another daemon's now: not this checkpoint's failure (no attempt counted)
         except Exception as exc:  # a bug or an unforeseen input: never let one checkpoint block its run  # noqa: BLE001
             outcome = self._failed(obs, exc)
         self.metrics.processed.labels(outcome=outcome).inc()
@@ -468,6 +479,7 @@ class RunProcessor:
                           reason="the file changed while being read; discarded")
             return "retry"
         sha = loaded.sha256
+        self._check_lease()  # the read may have taken long: a daemon that lost the run meanwhile records nothing
         ckpt_id = self._record(obs, status="pending", sha256=sha, metric=metric,
                                metric_source=metric_src if metric is not None else None, step=step)
         members = self.members()

@@ -10,7 +10,9 @@ daemon that was paused past its lease cannot overwrite the newer state of the da
 Sharing the work: each daemon also holds a *presence* lease (watch ``~daemons``), so every daemon knows how many
 live daemons share the ledger. A daemon claims at most its share of the runs it sees (``ceil(runs / daemons)``),
 and gives idle runs beyond its share back, so a daemon that starts later gets work instead of waiting for the
-first one to die.
+first one to die. A run that stays unclaimed for a whole ``lease_ttl`` while this daemon is at its share (the other
+daemons cannot see it: another watch, an unmounted share, a failing listing) is claimed anyway and kept (never
+given back), so no run starves.
 
 With the default SQLite ledger there is one daemon and every claim succeeds: the same code path, trivially.
 """
@@ -42,6 +44,8 @@ class RunLeases:
         self.presence: Key = (PRESENCE, str(store.holder))
         self.live = 1  # live daemons sharing the ledger (this one included), refreshed by the heartbeat
         self.total = 0  # runs this daemon sees (set by the daemon after each discovery)
+        self.sticky: set[Key] = set()  # runs claimed beyond the share because nobody else took them: kept
+        self._unclaimed_since: dict[Key, float] = {}  # runs this daemon left to others while at its share
         self._held: set[Key] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -68,14 +72,21 @@ class RunLeases:
         this daemon may process the run; a run newly claimed is logged with whoever held it before."""
         if self.holds(key):
             return True
+        starving = False
         if len(self.held()) >= self.share():
-            return False  # its fair share is full: another daemon takes this run
+            since = self._unclaimed_since.setdefault(key, time.monotonic())
+            if time.monotonic() - since < self.ttl:
+                return False  # its fair share is full: another daemon takes this run
+            starving = True  # nobody took it for a whole ttl: another daemon may not see it at all
         before = self.store.get(*key)
         lease = self.store.claim(*key)
         if lease is None:
             return False
         with self._lock:
             self._held.add(key)
+            self._unclaimed_since.pop(key, None)
+            if starving:
+                self.sticky.add(key)
         previous = before.holder if before is not None and before.holder != self.holder else None
         if previous:
             self._abandon_rows_of(key, previous)
@@ -100,6 +111,7 @@ class RunLeases:
         """A publication found the lease gone (``LeaseLost``): stop treating the run as ours."""
         with self._lock:
             self._held.discard(key)
+            self.sticky.discard(key)
 
     def release(self, keys: Iterable[Key]) -> None:
         """Give leases back (the run is gone, or the daemon stops): another daemon may take them at once."""
@@ -107,6 +119,7 @@ class RunLeases:
         with self._lock:
             keys &= self._held
             self._held -= keys
+            self.sticky -= keys
         if keys:
             try:
                 self.store.release(keys)
@@ -129,6 +142,7 @@ class RunLeases:
         lost = held - still
         with self._lock:
             self._held -= lost
+            self.sticky -= lost
         for key in sorted(lost):
             self.log.warning("run.lease_lost", watch=key[0], run=key[1], holder=self.holder,
                              reason="the lease expired or was taken over by another daemon; nothing more of this run "

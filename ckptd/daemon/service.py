@@ -230,8 +230,8 @@ class Daemon:
                 key = (state.ctx.watch.name, state.ctx.run)
                 if len(picked) >= n:
                     break
-                if state.running or not self.leases.holds(key) or key in picked:
-                    continue
+                if state.running or not self.leases.holds(key) or key in picked or key in self.leases.sticky:
+                    continue  # (sticky: claimed because no other daemon took it: giving it back would starve it)
                 picked.append(key)
             retry = time.monotonic() + self.leases.ttl
             for state in states:

@@ -39,11 +39,17 @@ def version_label(export_id: int, sha256: str) -> str:
     return f"q{export_id}-{sha256[:12]}"
 
 
-def remote_version(export_id: int, sha256: str, *, partial: bool = False) -> str:
+def remote_version(export_id: int, sha256: str, *, attempt: int = 0, partial: bool = False) -> str:
     """The package's versioned prefix name under ``<base>/coreml/`` for an object-store output. Deterministic
-    (no listing): a retried attempt uploads to the same prefix, and the export id orders versions (a newer
+    (no listing) and one per attempt: a worker taken for dead but still running (cut off from the database)
+    can never write into the prefix its retry verified and committed. The export id orders versions (a newer
     request always has a larger id), which is what the publisher's deletion rule relies on."""
-    return f"best-v{export_id:04d}-{version_label(export_id, sha256)}{'-partial' if partial else ''}.mlpackage"
+    return f"{version_prefix(export_id)}a{attempt}-{sha256[:12]}{'-partial' if partial else ''}.mlpackage"
+
+
+def version_prefix(export_id: int) -> str:
+    """What every attempt's prefix name of this export starts with."""
+    return f"best-v{export_id:04d}-q{export_id}-"
 
 
 def input_key(export_id: int, sha256: str, suffix: str = ".safetensors") -> str:

@@ -7,9 +7,10 @@ uploads the package under its versioned prefix (``coreml/<version>/``, named by 
 conditioned ledger commit whose ``path`` is that prefix's URL. No symlink anywhere: the daemon's next publication
 names the prefix in the remote manifest (:mod:`ckptd.remote.object_outputs`).
 
-Exactly once: the prefix is a function of the export id, so a retried attempt uploads to the same prefix (after
-removing what a killed attempt left there) and only the attempt that commits makes it the run's; an attempt whose
-commit is refused because a newer request exists deletes it. Inputs are deleted once their job is final: by the
+Exactly once: the prefix is a function of the export id and the attempt (so a worker taken for dead but still
+running never writes into the prefix its retry committed); only the attempt that commits makes its prefix the
+run's, and it deletes the prefixes other attempts of the export left; an attempt whose commit is refused because
+a newer request exists deletes its own. Inputs are deleted once their job is final: by the
 worker after its commit (or when it drops a superseded job), by the daemon when it sees the row final, and by the
 daemon's sweep of ``exports/inputs/`` at each request (:func:`sweep_inputs`).
 """
@@ -105,6 +106,15 @@ class RemoteRun:
                                     f"({len(found)} objects found, {len(want)} sent): another writer under the "
                                     "same prefix?")
         return self.package_url(version)
+
+    def delete_packages_of(self, export_id: int, keep: str | None = None) -> None:
+        """Delete every attempt's prefix of this export (but ``keep``): none of them will ever be named."""
+        from ckptd.queue.payload import version_prefix
+
+        start = f"{COREML}/{version_prefix(export_id)}"
+        versions = {k[len(COREML) + 1:].split("/", 1)[0] for k in self.keys(COREML) if k.startswith(start)}
+        for version in sorted(versions - {keep}):
+            self.delete_package(version)
 
     def delete_package(self, version: str) -> None:
         keys = self.keys(f"{COREML}/{version}")

@@ -146,13 +146,13 @@ class ExportTask:
             result = self._convert(p, staging, weights, log)
 
             def publish(status: str) -> tuple[store.PathOrUrl | None, str]:
-                version = remote_version(p.export_id, p.sha256, partial=status == "partial")
+                version = remote_version(p.export_id, p.sha256, attempt=job.attempts, partial=status == "partial")
                 url = target.upload_package(version, staging)  # before the commit: a reader never misses it
                 committed = store.publish(self.ledger, p.export_id, self.holder, status, lambda: url)
-                if committed is None:
-                    newest = store.newest(self.ledger, p.watch, p.run, p.stream)
-                    if newest is not None and newest.id != p.export_id:
-                        target.delete_package(version)  # superseded: no manifest will ever name it
+                if committed is not None:
+                    target.delete_packages_of(p.export_id, keep=version)  # killed attempts' leftovers
+                else:  # superseded, or another attempt of it committed its own prefix: nothing will name ours
+                    target.delete_package(version)
                 return committed, url
 
             return self._finish(p, job, result, publish, log)
@@ -221,8 +221,7 @@ class ExportTask:
             from ckptd.queue.remote import for_payload
 
             target = for_payload(self.config, p)
-            for partial in (False, True):
-                target.delete_package(remote_version(p.export_id, p.sha256, partial=partial))
+            target.delete_packages_of(p.export_id)
         except Exception as exc:  # noqa: BLE001 (left for the publisher's clean-up of older versions)
             self.log.warning("export.package_not_deleted", export_id=p.export_id,
                              reason=f"{type(exc).__name__}: {exc}; removed by a later publication of the run")
