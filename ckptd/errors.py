@@ -6,6 +6,7 @@ wrong, and where it helps, what to do about it. Library callers can catch :class
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -17,9 +18,16 @@ class CheckpointError(CkptdError):
     """A checkpoint could not be read: missing, empty, truncated, corrupt, foreign, or unsafe."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
+        self.path = _shown(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+def _shown(path: str | Path) -> str:
+    """The path an operator knows: a stub in an object-store watch's mirror is named by its ``s3://`` URL (the
+    mirror path is this host's state_dir). Without a mirror loaded there is none to translate: no import here."""
+    mirror = sys.modules.get("ckptd.remote.mirror")
+    return str(path) if mirror is None else mirror.canonical(path)
 
 
 class IncompleteCheckpointError(CheckpointError):

@@ -39,7 +39,7 @@ from ckptd.daemon.telemetry import Metrics
 from ckptd.daemon.watcher import watch_summary
 from ckptd.daemon.watches import WatchSet
 from ckptd.errors import CkptdError, ConfigError, LeaseLost
-from ckptd.remote.mirror import MirrorChange
+from ckptd.remote.mirror import MirrorChange, canonical
 from ckptd.remote.roots import RemoteRoots, affected_runs, committed_objects
 
 __all__ = ["LEDGER_NAME", "Daemon", "watch_summary"]
@@ -170,7 +170,7 @@ class Daemon:
                 except CkptdError as exc:
                     if key not in self._refused_runs:  # once per directory, not on every discovery pass
                         self._refused_runs.add(key)
-                        self.log.error("run.skipped", watch=watch.name, run_dir=str(run_dir), reason=str(exc))
+                        self.log.error("run.skipped", watch=watch.name, run_dir=canonical(run_dir), reason=str(exc))
                     continue
                 ctx = RunContext(watch=watch, policy=policy, run=name, run_dir=run_dir, output=output)
                 if state is not None:
@@ -178,7 +178,7 @@ class Daemon:
                 self.runs[key] = RunState(ctx=ctx, streams=RunStreams(ctx, self.ledger, self.log, self._processor),
                                           tracker=state.tracker if state else ReadinessTracker())
                 if state is None:
-                    self.log.info("run.discovered", watch=watch.name, run=name, run_dir=str(run_dir),
+                    self.log.info("run.discovered", watch=watch.name, run=name, run_dir=canonical(run_dir),
                                   output=str(output))
             if change:
                 self._note_remote_change(watch, change)
@@ -499,4 +499,4 @@ class Daemon:
                           counts=self.ledger.counts(state.ctx.watch.name, state.ctx.run),
                           output=str(state.ctx.output))
         self._close_quietly()
-        return 1 if self.failures else 0
+        return 1 if self.failures or self.remote.failing() else 0  # an unlistable object store fails too

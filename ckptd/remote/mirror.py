@@ -4,13 +4,17 @@
 Why stubs: the daemon already decides everything from (path, size, mtime_ns). A stub is created with
 ``truncate(size)`` (no disk used) and stamped with the object's LastModified. S3's LastModified has 1 s
 resolution, so the nanoseconds are taken from a hash of the ETag: an overwrite with new content inside the same
-second (and the same size) still changes the identity that readiness and the ledger use. Small objects (sidecars,
-``trainer_state.json``, ``.metadata``, markers) are downloaded whole, so every small read stays local; large ones
-stay stubs, registered here so that :func:`ckptd.input_files.open_input` serves their bytes with ranged GETs.
+second (and the same size) still changes the identity that readiness and the ledger use. Small metadata objects
+(sidecars, ``trainer_state.json``, ``.metadata``, index files, markers) are downloaded whole, so those small reads
+stay local: streamed to a temp file in bounded batches, never more than :data:`BATCH_BYTES` in memory at once. Every
+other object, however small, stays a stub, registered here so that :func:`ckptd.input_files.open_input` serves its
+bytes with ranged GETs. Objects the watch would never look at (outside its runs, deeper than ``max_depth``,
+excluded names: :mod:`ckptd.remote.scope`) are not mirrored at all.
 
 The listing is the truth: each :meth:`ObjectMirror.refresh` lists the prefix once, creates/updates what changed,
 removes stubs of deleted objects and leaves unchanged ones untouched. Nothing is ever written outside the mirror
-root: keys that are not valid relative paths (``..``, empty or over-long components) are skipped, with one log line.
+root: keys that are not valid relative paths (``..``, empty or over-long components, a path over ``PATH_MAX``) are
+skipped, with one log line each; a stub that cannot be written is logged once, not at every listing.
 """
 
 from __future__ import annotations
@@ -20,19 +24,26 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ckptd.atomic import TEMP_PREFIX
+from ckptd.remote.scope import WatchScope, is_metadata
 from ckptd.remote.urls import filesystem, redact
 
 MIRROR_DIR = "mirror"  # <state_dir>/mirror/<watch name>
-WHOLE_LIMIT = 1 << 20  # objects up to this size are downloaded whole (sidecars, markers, .metadata)
+WHOLE_LIMIT = 1 << 20  # metadata objects up to this size are downloaded whole (sidecars, markers, .metadata)
 JSON_WHOLE_LIMIT = 64 << 20  # JSON files are read whole anyway (ckptd.file_checks.JSON_LIMIT)
 NAME_MAX = 255  # bytes per path component (Linux); longer keys cannot be mirrored
+PATH_MAX = 4096  # bytes per path (Linux), when the mirror's filesystem does not say
+TEMP_ROOM = 64  # bytes a temp file's name next to a stub may need beyond the stub's own path
+BATCH_BYTES = 64 << 20  # whole downloads are fetched in batches of at most this many bytes (held in memory)
+BATCH_COUNT = 32  # and at most this many objects (concurrent GETs)
+STREAM_LIMIT = 8 << 20  # larger ones are streamed straight to their temp file, one at a time
+STREAM_CHUNK = 1 << 20
 _NS = 1_000_000_000
 
 
@@ -56,7 +67,8 @@ class MirrorChange:
     removed: tuple[Path, ...] = ()
     objects: int = 0
     seconds: float = 0.0
-    skipped: int = 0
+    skipped: int = 0  # keys that cannot be mirror paths (logged once each)
+    ignored: int = 0  # objects the watch never looks at (not mirrored; see ckptd.remote.scope)
 
     def __bool__(self) -> bool:
         return bool(self.changed or self.removed)
@@ -160,8 +172,16 @@ def bad_name(rel: str) -> str:
 
 
 def _whole(rel: str, size: int) -> bool:
-    """Download whole (small reads stay local) rather than stub (ranged GETs)?"""
+    """Download whole (small metadata reads stay local) rather than stub (ranged GETs)? Never a checkpoint, however
+    small: a prefix full of small shards must not be copied to this disk."""
+    if not is_metadata(rel.rsplit("/", 1)[-1]):
+        return False
     return size <= WHOLE_LIMIT or (rel.endswith(".json") and size <= JSON_WHOLE_LIMIT)
+
+
+class _Gone(Exception):
+    """The object is not what the listing said any more (deleted, overwritten, unreadable): the next listing
+    decides; nothing is written."""
 
 
 class ObjectMirror:
@@ -177,6 +197,12 @@ class ObjectMirror:
         self._fs: Any = None
         self._base = ""
         self._reported: set[str] = set()  # skipped keys already logged
+        self._write_failures: dict[str, str] = {}  # mirror path -> reason, logged (the last listing's)
+        self._failing_now: dict[str, str] = {}  # the same, this listing
+        try:
+            self._path_max = int(os.pathconf(root.parent if root.parent.exists() else "/", "PC_PATH_MAX"))
+        except (OSError, ValueError):
+            self._path_max = PATH_MAX
         with _lock:
             _ROOTS[str(root)] = self.url
             _REAL_ROOTS[os.path.realpath(root)] = str(root)
@@ -208,17 +234,24 @@ class ObjectMirror:
     def refresh(self) -> MirrorChange:
         """List once and bring the mirror in line with the listing; returns what changed."""
         listing, seconds = self.list()
-        wanted, skipped = self._usable(listing)
+        usable, skipped = self._usable(listing)
+        keep = WatchScope(self.watch).select(usable)
+        wanted = {rel: ref for rel, ref in usable.items() if rel in keep}
         self.root.mkdir(parents=True, exist_ok=True)
         removed = self._remove_unlisted(wanted)
+        self._failing_now = {}
         changed = self._apply(wanted)
-        return MirrorChange(tuple(changed), tuple(removed), len(listing), seconds, skipped)
+        self._write_failures = self._failing_now
+        return MirrorChange(tuple(changed), tuple(removed), len(listing), seconds, skipped, len(usable) - len(wanted))
 
     def _usable(self, listing: dict[str, ObjectRef]) -> tuple[dict[str, ObjectRef], int]:
         """The listed keys that can be mirror paths; each unusable one is logged once."""
         bad: dict[str, str] = {}
+        room = self._path_max - TEMP_ROOM - len(os.fsencode(str(self.root))) - 1
         for rel in listing:
             reason = bad_name(rel)
+            if not reason and len(rel.encode("utf-8", "surrogatepass")) > room:
+                reason = f"makes a mirror path longer than the system's {self._path_max}-byte limit"
             if reason:
                 bad[rel] = reason
         dirs = {rel[:i] for rel in listing if rel not in bad for i in range(len(rel)) if rel[i] == "/"}
@@ -289,53 +322,88 @@ class ObjectMirror:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            self.log.warning("mirror.write_failed", watch=self.watch.name, path=str(directory),
-                             reason=exc.strerror or str(exc))
+            self._write_failed(directory, exc)
             return False
         real = os.path.realpath(directory)
         return real == real_root or real.startswith(real_root + "/")
 
     def _download(self, items: list[tuple[Path, ObjectRef]]) -> list[Path]:
-        """Small objects, fetched together (concurrent GETs on async filesystems) and written whole."""
-        if not items:
-            return []
-        fs = items[0][1].fs
-        results = fs.cat([ref.path for _, ref in items], on_error="return")
+        """Metadata objects, written whole: in batches of concurrent GETs holding at most :data:`BATCH_BYTES`
+        (:data:`BATCH_COUNT` objects), the few larger than :data:`STREAM_LIMIT` streamed to their temp file."""
         changed: list[Path] = []
+        batch: list[tuple[Path, ObjectRef]] = []
+        held = 0
         for stub, ref in items:
-            data = results.get(ref.path)
-            if isinstance(data, BaseException) or data is None or len(data) != ref.size:
-                # deleted or overwritten since the listing: the next listing sees what it is now
-                reason = f"{type(data).__name__}: {data}" if isinstance(data, BaseException) else "size changed"
-                self.log.info("mirror.fetch_skipped", watch=self.watch.name, key=ref.url, reason=reason)
+            if ref.size > STREAM_LIMIT:
+                if self._write(stub, ref, lambda fh, ref=ref: _stream(ref, fh)):
+                    changed.append(stub)
                 continue
-            if self._write(stub, ref, data):
-                changed.append(stub)
+            if batch and (held + ref.size > BATCH_BYTES or len(batch) >= BATCH_COUNT):
+                changed.extend(self._fetch_batch(batch))
+                batch, held = [], 0
+            batch.append((stub, ref))
+            held += ref.size
+        if batch:
+            changed.extend(self._fetch_batch(batch))
         return changed
 
-    def _write(self, stub: Path, ref: ObjectRef, data: bytes | None) -> bool:
-        """Replace ``stub`` atomically by a sparse stub (``data`` None) or the object's bytes, stamped."""
+    def _fetch_batch(self, items: list[tuple[Path, ObjectRef]]) -> list[Path]:
+        """One batch: ranged GETs (no HEAD first) one byte past the listed size, so a grown object is noticed."""
+        fetch = [ref for _, ref in items if ref.size]
+        results: list[Any] = []
+        if fetch:
+            try:
+                results = list(fetch[0].fs.cat_ranges([r.path for r in fetch], [0] * len(fetch),
+                                                      [r.size + 1 for r in fetch], on_error="return"))
+            except Exception as exc:  # noqa: BLE001 (the store failed: the next listing tries again)
+                results = [exc] * len(fetch)
+        got = dict(zip([r.path for r in fetch], results))
+        del results  # each result is dropped once written
+        changed: list[Path] = []
+        for stub, ref in items:
+            data = got.get(ref.path, b"") if ref.size else b""
+            if self._write(stub, ref, lambda fh, ref=ref, data=data: _check_whole(ref, data, fh)):
+                changed.append(stub)
+            got.pop(ref.path, None)  # written: no longer held
+        return changed
+
+    def _write(self, stub: Path, ref: ObjectRef, fill: Callable[[IO[bytes]], None] | None) -> bool:
+        """Replace ``stub`` atomically by a sparse stub (``fill`` None) or what ``fill`` writes (the object's
+        bytes), stamped with the object's identity."""
         tmp = stub.parent / f"{TEMP_PREFIX}mirror.{os.getpid()}.{secrets.token_hex(6)}"
         try:
             if os.path.isdir(stub) and not os.path.islink(stub):
                 _remove_tree(stub)
             with open(tmp, "xb") as fh:
-                if data is None:
+                if fill is None:
                     fh.truncate(ref.size)
                 else:
-                    fh.write(data)
+                    fill(fh)
             os.utime(tmp, ns=(ref.mtime_ns, ref.mtime_ns))
             os.replace(tmp, stub)
-        except OSError as exc:
+        except (_Gone, OSError) as exc:
             try:
                 tmp.unlink()
             except OSError:
                 pass
-            self.log.warning("mirror.write_failed", watch=self.watch.name, path=str(stub),
-                             reason=exc.strerror or str(exc))
+            if isinstance(exc, _Gone):  # deleted or overwritten since the listing: the next listing sees it
+                self.log.info("mirror.fetch_skipped", watch=self.watch.name, key=ref.url, reason=str(exc))
+            else:
+                self._write_failed(stub, exc)
             return False
-        self._register(stub, None if data is not None else ref)
+        self._register(stub, None if fill is not None else ref)
         return True
+
+    def _write_failed(self, path: Path, exc: OSError) -> None:
+        """One log line per path and reason, not one per listing (a disk full, a name this disk refuses)."""
+        reason = exc.strerror or str(exc)
+        key = str(path)
+        if self._write_failures.get(key) != reason and self._failing_now.get(key) != reason:
+            rel = os.path.relpath(path, self.root)
+            shown = rel if len(rel) <= 120 else rel[:120] + "…"
+            self.log.warning("mirror.write_failed", watch=self.watch.name, key=f"{self.url}/{shown}", reason=reason,
+                             action="skip; tried again at each listing, logged again only if the reason changes")
+        self._failing_now[key] = reason
 
     @staticmethod
     def _register(stub: Path, ref: ObjectRef | None) -> None:
@@ -372,6 +440,40 @@ def _forget_listing(fs: Any, base: str) -> None:
             cache.pop(key, None)
         return
     fs.invalidate_cache()
+
+
+def _check_whole(ref: ObjectRef, data: Any, fh: IO[bytes]) -> None:
+    """Write one batch result, or :class:`_Gone` when it is not the listed object (an error, another size)."""
+    if isinstance(data, BaseException):
+        raise _Gone(f"{type(data).__name__}: {data}"[:300])
+    if not isinstance(data, bytes | bytearray) or len(data) != ref.size:
+        raise _Gone("size changed since the listing")
+    fh.write(data)
+
+
+def _stream(ref: ObjectRef, fh: IO[bytes]) -> None:
+    """Copy a larger metadata object into ``fh`` in :data:`STREAM_CHUNK` pieces (never whole in memory); store
+    errors and a changed object are :class:`_Gone`, a local write error stays an ``OSError``."""
+    try:
+        src = ref.fs.open(ref.path, "rb", block_size=STREAM_CHUNK * 4)
+    except Exception as exc:  # noqa: BLE001 (deleted, network, permissions: the next listing tries again)
+        raise _Gone(f"{type(exc).__name__}: {exc}"[:300]) from None
+    with src:
+        etag = object_etag(getattr(src, "details", None) or {})
+        if etag and etag != ref.etag:
+            raise _Gone("overwritten since the listing (another ETag)")
+        while True:
+            try:
+                chunk = src.read(STREAM_CHUNK)
+            except Exception as exc:  # noqa: BLE001
+                raise _Gone(f"{type(exc).__name__}: {exc}"[:300]) from None
+            if not chunk:
+                break
+            fh.write(chunk)
+            if fh.tell() > ref.size:
+                raise _Gone("size changed since the listing")
+    if fh.tell() != ref.size:
+        raise _Gone("size changed since the listing")
 
 
 def _remove_tree(path: Path) -> None:

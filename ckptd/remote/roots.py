@@ -32,7 +32,7 @@ def merge(old: MirrorChange | None, new: MirrorChange) -> MirrorChange:
     gone, made = set(new.removed), set(new.changed)
     changed = dict.fromkeys([p for p in old.changed if p not in gone] + list(new.changed))
     removed = dict.fromkeys([p for p in old.removed if p not in made] + list(new.removed))
-    return MirrorChange(tuple(changed), tuple(removed), new.objects, new.seconds, new.skipped)
+    return MirrorChange(tuple(changed), tuple(removed), new.objects, new.seconds, new.skipped, new.ignored)
 
 
 class WatchLister:
@@ -90,6 +90,7 @@ class WatchLister:
         try:
             if self._mirror is None:
                 self._mirror = ObjectMirror(watch, log)
+            self._mirror.watch, self._mirror.log = watch, log  # a reload's runs/exclude/max_depth: what is mirrored
             change = self._mirror.refresh()
         except Exception as exc:  # noqa: BLE001 (any store failure: keep what we have, retry next poll_interval)
             reason = f"{type(exc).__name__}: {exc}"
@@ -111,7 +112,8 @@ class WatchLister:
             self._pending = merge(self._pending, change)
             self.listed, self.failing = True, ""
         log.debug("watch.listed", watch=watch.name, objects=change.objects, seconds=round(change.seconds, 3),
-                  changed=len(change.changed), removed=len(change.removed), skipped=change.skipped)
+                  changed=len(change.changed), removed=len(change.removed), skipped=change.skipped,
+                  ignored=change.ignored)
         self._on_done(self, change, news)
         return change
 
@@ -230,6 +232,13 @@ class RemoteRoots:
         """Did a listing of the watch work, and did the last one not fail?"""
         lister = self._listers.get(watch.name)
         return lister is not None and lister.available
+
+    def failing(self) -> dict[str, str]:
+        """Watch name -> why its last listing failed, for each watch whose last listing failed (``ckptd once``
+        exits 1 then: its runs were not looked at, which is not "nothing to do")."""
+        with self._lock:
+            listers = list(self._listers.values())
+        return {lister.watch.name: lister.failing for lister in listers if lister.failing}
 
     def stop(self) -> None:
         """Shutdown: the listing and SQS threads stop (promptly: a call in flight ends on its own). The stubs stay

@@ -6,6 +6,10 @@ One daemon thread long-polls the queue (``WaitTimeSeconds`` <= 10), deletes what
 cannot parse is logged once and deleted too: left in the queue it would come back forever) and calls
 ``wake(url)`` with each object's ``s3://bucket/key``. ``close()`` returns at once; the thread ends after its
 current poll (at most ``WAIT_SECONDS``) without waking anyone.
+
+Nothing a message holds ends the thread: a body over :data:`MAX_BODY` is refused unparsed, any exception while
+reading one message (a ``RecursionError`` from deeply nested JSON included) is one log line giving the reason,
+never the body, and the message is deleted; a failed receive backs off (1 s, 2 s, … 60 s) and polls again.
 """
 
 from __future__ import annotations
@@ -20,16 +24,22 @@ from urllib.parse import unquote_plus, urlsplit
 from ckptd.remote.urls import redact
 
 WAIT_SECONDS = 10  # SQS long poll; also the longest close() leaves the thread running
-BACKOFF_FIRST, BACKOFF_MAX = 2.0, 60.0  # after a failed receive (queue missing, network, credentials)
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # after a failed receive (queue missing, network, credentials)
+MAX_BODY = 256 << 10  # bytes: an S3 notification is a few KiB; anything larger is refused without parsing it
+REASON_MAX = 300  # characters of an exception's text in a log line
 _REGION = re.compile(r"^(?:sqs\.)?([a-z]{2}(?:-[a-z]+)+-\d)\.(?:queue\.)?amazonaws\.com")
 
 
 def object_urls(body: str) -> list[str]:
     """The ``s3://bucket/key`` of every object a notification body names ([] for ``s3:TestEvent``). Accepts an
-    S3 notification, the same wrapped by SNS, or an EventBridge event. Raises ValueError for anything else."""
+    S3 notification, the same wrapped by SNS, or an EventBridge event. Raises ValueError for anything else
+    (a body over :data:`MAX_BODY` unparsed); a hostile body may raise anything else too (RecursionError)."""
+    if len(body) > MAX_BODY or len(body.encode("utf-8", "surrogatepass")) > MAX_BODY:
+        raise ValueError(f"{len(body.encode('utf-8', 'surrogatepass'))} bytes, more than the {MAX_BODY} an S3 "
+                         "notification may have; not parsed")
     msg = json.loads(body)
     if isinstance(msg, dict) and msg.get("Type") == "Notification" and isinstance(msg.get("Message"), str):
-        msg = json.loads(msg["Message"])  # S3 -> SNS -> SQS
+        msg = json.loads(msg["Message"])  # S3 -> SNS -> SQS (no larger than the body)
     if not isinstance(msg, dict):
         raise ValueError("not a JSON object")
     if msg.get("Event") == "s3:TestEvent":
@@ -76,6 +86,7 @@ class SqsHints:
         self._options = dict(storage_options)
         self._stop = threading.Event()
         self._last_error = ""
+        self._last_hint_error = ""
         self._thread = threading.Thread(target=self._run, name="ckptd-sqs", daemon=True)
         self._thread.start()
 
@@ -96,6 +107,7 @@ class SqsHints:
                 client = client or sqs_client(self.queue_url, self._options)
                 reply = client.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
                                                WaitTimeSeconds=self.wait_seconds)
+                messages = [m for m in reply.get("Messages") or [] if isinstance(m, dict)]
             except Exception as exc:  # noqa: BLE001 (the queue is an optimisation: polling goes on regardless)
                 self._failed(exc)
                 client = None
@@ -106,20 +118,22 @@ class SqsHints:
             if self._last_error:
                 self._last_error = ""
                 self._note("info", "sqs.recovered", reason="receiving notifications again")
-            messages = reply.get("Messages") or []
             if self._stop.is_set():
                 return  # not deleted: redelivered to whoever polls next
-            self._handle(client, messages)
+            try:
+                self._handle(client, messages)
+            except Exception as exc:  # noqa: BLE001 (a bug of ours must not end the hints: log, poll again)
+                self._hint_failed(exc)
 
     def _handle(self, client: Any, messages: list[dict[str, Any]]) -> None:
         urls: list[str] = []
         for msg in messages:
             try:
-                urls.extend(object_urls(msg.get("Body") or ""))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                self._note("warning", "sqs.unreadable", message_id=msg.get("MessageId", "?"),
-                           reason=f"not an S3 notification ({type(exc).__name__}: {exc}); deleted, the listing "
-                                  "still finds every object")
+                urls.extend(object_urls(str(msg.get("Body") or "")))
+            except Exception as exc:  # noqa: BLE001 (whatever the body does to the parser: deleted, logged once)
+                self._note("warning", "sqs.unreadable", message_id=str(msg.get("MessageId", "?"))[:100],
+                           reason=f"not an S3 notification ({_describe(exc)}); deleted, the listing still finds "
+                                  "every object")
         self.received += len(messages)
         entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)
                    if m.get("ReceiptHandle")]
@@ -129,18 +143,35 @@ class SqsHints:
             except Exception as exc:  # noqa: BLE001 (redelivered later: one more harmless hint)
                 self._failed(exc)
         for url in dict.fromkeys(urls):
-            self.wake(url)
+            try:
+                self.wake(url)
+            except Exception as exc:  # noqa: BLE001 (a hint is an optimisation: the listing still comes)
+                self._hint_failed(exc)
 
     def _failed(self, exc: BaseException) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = _describe(exc)
         if reason != self._last_error:  # one line per distinct failure, not one per poll
             self._last_error = reason
             self._note("warning", "sqs.failed", reason=f"{reason}; retrying with back-off (objects are still found "
                                                          "by the listing every poll_interval)")
 
+    def _hint_failed(self, exc: BaseException) -> None:
+        """Handling received messages failed (not the queue): one line per distinct reason."""
+        reason = _describe(exc)
+        if reason != self._last_hint_error:
+            self._last_hint_error = reason
+            self._note("error", "sqs.hint_failed", reason=f"{reason}; the hint is dropped, the listing every "
+                                                           "poll_interval still finds every object")
+
     def _note(self, level: str, event: str, **kw: Any) -> None:
         if self.log is not None:
             getattr(self.log, level)(event, queue=redact(self.queue_url), **kw)
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception for a log line: its type and text, cut to :data:`REASON_MAX` characters."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= REASON_MAX else text[:REASON_MAX] + "…"
 
 
 def hints_by_queue(watches: Iterator[Any] | list[Any]) -> dict[tuple[str, str], list[Any]]:
