@@ -363,22 +363,21 @@ def test_concurrent_claims_give_a_run_to_exactly_one_daemon(pg_url: str) -> None
 
 def test_a_takeover_waits_for_an_inflight_fenced_publication(pg_url: str) -> None:
     """The fence keeps the lease row locked until its transaction ends: a claimer that finds the lease expired
-    meanwhile takes it only after the publication committed, and then sees it."""
+    meanwhile waits for it at most the lock timeout (min(5s, ttl/6)) and then reports "not claimable now"; once
+    the publication committed, a claim takes the run over and sees it."""
     a_ledger, b_ledger = Ledger(pg_url, holder="host-a:1"), Ledger(pg_url, holder="host-b:2")
     a, b = LeaseStore(a_ledger, "host-a:1", 0.3), LeaseStore(b_ledger, "host-b:2", 0.3)
     try:
         assert a.claim("w", "exp") is not None
-        claimed: list[Any] = []
         with a_ledger.transaction() as db:
             a.fence(db, "w", "exp")
             a_ledger.set_members(db, "w", "exp", [_member(1, 0.9, 30)])
             time.sleep(0.4)  # the lease expires while the publication is in flight
-            thread = threading.Thread(target=lambda: claimed.append(b.claim("w", "exp")))
-            thread.start()
-            thread.join(0.3)
-            assert thread.is_alive()  # blocked on the row lock
-        thread.join(10)
-        assert claimed[0] is not None and claimed[0].generation == 2
+            started = time.monotonic()
+            assert b.claim("w", "exp") is None  # the row is locked: not claimable now
+            assert time.monotonic() - started < 1.0
+        claimed = b.claim("w", "exp")
+        assert claimed is not None and claimed.generation == 2
         assert len(b_ledger.members("w", "exp")) == 1
     finally:
         a_ledger.close()

@@ -19,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ckptd.daemon.leases import pid_of
 from tests.conftest import PYTHON, subprocess_env
 from tests.daemon_helpers import DaemonProcess
 
@@ -106,18 +107,18 @@ def test_two_daemons_share_runs_and_take_over_a_killed_ones(tmp_path: Path, pg_u
         while time.monotonic() < deadline and (lease_holders() != {0, 1} or not _final_events(a)):
             time.sleep(0.1)
         assert lease_holders() == {0, 1}, "both daemons should hold runs"
-        # status (read by either daemon's config) names each run's holder, host:pid
+        # status (read by either daemon's config) names each run's holder, host:pid.token
         holders = {r["run"]: r.get("holder") for r in _status(b_cfg)}
         assert set(holders) == set(RUNS), holders
-        pids = {h.rpartition(":")[2] for h in holders.values() if h}
-        assert pids <= {str(a.proc.pid), str(b.proc.pid)} and len(pids) == 2, holders
-        a_runs = {run for run, h in holders.items() if h and h.endswith(f":{a.proc.pid}")}
+        pids = {pid_of(h) for h in holders.values() if h}
+        assert pids <= {a.proc.pid, b.proc.pid} and len(pids) == 2, holders
+        a_runs = {run for run, h in holders.items() if h and pid_of(h) == a.proc.pid}
         assert len(a_runs) in (1, 2), holders  # the fair share: ceil(3 runs / 2 daemons)
 
         a.kill()  # kill -9 mid-run: the trainers keep writing
         killed_at = time.monotonic()
         b.wait_for(lambda ev: {e["run"] for e in ev if e["event"] == "run.lease_acquired"
-                               and e.get("taken_over_from", "").endswith(f":{a.proc.pid}")} >= a_runs, 30,
+                               and pid_of(e.get("taken_over_from", "")) == a.proc.pid} >= a_runs, 30,
                    "takeover of the killed daemon's runs")
         takeover_s = time.monotonic() - killed_at
         assert takeover_s < 3 + 0.5 + 5, f"takeover took {takeover_s:.1f}s (lease_ttl 3s + poll 0.5s)"

@@ -74,21 +74,39 @@ class Ledger:
     and recorded separately and never mix.
     """
 
-    def __init__(self, target: Target, *, holder: str | None = None) -> None:
+    def __init__(self, target: Target, *, holder: str | None = None, lease_ttl: float | None = None) -> None:
         """``target``: a SQLite file path or a ``postgresql://`` URL. ``holder``: who this process is in the
-        ``holder`` columns (default ``host:pid``)."""
+        ``holder`` columns (default :func:`ckptd.daemon.leases.default_holder`). ``lease_ttl``: the daemons' lease
+        ttl, which the PostgreSQL session timeouts are fitted to (:meth:`set_lease_ttl`)."""
         from ckptd.daemon.leases import default_holder
 
         self.target: Target = target if is_pg(target) else Path(target)
         self.path = self.target if isinstance(self.target, Path) else None  # the SQLite file, if any
         self.holder = holder or default_holder()
+        self.lease_ttl = lease_ttl
         self._lock = threading.RLock()
-        self._db: Database = connect(self.target)
+        self._siblings: list[Ledger] = []  # closed with this one
+        self._db: Database = connect(self.target, lease_ttl=lease_ttl)
         try:
             migrate(self._db)
         except sqlite3.Error:
             self._db.close()
             raise
+
+    def sibling(self) -> Ledger:
+        """Another connection to the same ledger, with the same holder and timeouts, and its own lock: what the
+        lease heartbeat uses, so that it never waits behind a job's transaction. Closed with this ledger."""
+        other = Ledger(self.target, holder=self.holder, lease_ttl=self.lease_ttl)
+        with self._lock:
+            self._siblings.append(other)
+        return other
+
+    def set_lease_ttl(self, ttl: float) -> None:
+        """Fit the (PostgreSQL) session timeouts to the lease ttl: a lock wait ends after ``min(5 s, ttl/6)``, a
+        session idle inside a transaction for ``ttl`` is ended by the server (a stalled daemon's row locks go)."""
+        with self._lock:
+            self.lease_ttl = ttl
+            self._db.set_lease_ttl(ttl)
 
     @property
     def dialect(self) -> str:
@@ -129,7 +147,10 @@ class Ledger:
 
     def close(self) -> None:
         with self._lock:
+            siblings, self._siblings = self._siblings, []
             self._db.close()
+        for other in siblings:
+            other.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Database]:

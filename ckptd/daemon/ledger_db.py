@@ -34,6 +34,14 @@ PG_SCHEMES = ("postgresql", "postgres")
 SCHEMA_VERSION = 4
 MIGRATE_LOCK = 0x636B707464  # pg_advisory_xact_lock key ("ckptd"): one migrating daemon at a time
 CONNECT_TIMEOUT = 10  # seconds: a server that is down answers "connection refused" at once; a dead host does not
+DEFAULT_LEASE_TTL = 30.0  # the config's default lease_ttl: session timeouts before a LeaseStore tunes them
+STATEMENT_TIMEOUT = 600.0  # seconds: generous (big member sets, history of a long run), yet no statement hangs forever
+LOCK_TIMEOUT_MAX = 5.0  # seconds a statement waits for a row lock (a stalled daemon's) before failing
+# TCP keepalives (libpq, client side): a server host that vanished is noticed in ~25 s, not after the kernel's 2 h;
+# the server gets the same per session (tcp_keepalives_*), so a client host that vanished mid-transaction loses
+# its session and its row locks soon (idle_in_transaction_session_timeout ends a stalled but connected one)
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+TCP_USER_TIMEOUT_MS = 30_000  # libpq >= 12: unacknowledged data to a vanished server fails after 30 s
 
 Target = Path | str  # a SQLite file path, or a postgresql:// URL
 
@@ -53,12 +61,40 @@ def is_pg(target: Target) -> bool:
 
 
 def describe(target: Target) -> str:
-    """The target for messages and logs: a path as is, a URL without password, user info or query string."""
+    """The target for messages and logs: a path as is, a URL without password, user info or query string. Never
+    raises: a URL that does not parse (``[`` in a password, a port that is not a number) is cut by hand."""
     if is_pg(target):
         from ckptd.remote.urls import redact
 
-        return redact(str(target))
+        try:
+            return redact(str(target))
+        except ValueError:
+            scheme, _, rest = str(target).partition("://")
+            netloc, slash, path = rest.partition("/")
+            host = netloc.rpartition("@")[2]  # user info (and its password) dropped
+            return f"{scheme}://{host}{slash}{path.split('?', 1)[0]}"
     return str(target)
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable PostgreSQL URL (the message never repeats it: it may carry a password), or
+    None. Python's URL parser is what names the URL in messages and logs, so what it refuses is refused up front."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 - these raise ValueError for a malformed host or port
+        port = parts.port
+    except ValueError as exc:
+        if "," in url.partition("://")[2].partition("/")[0].rpartition("@")[2]:
+            return None  # libpq's multi-host form (h1:5432,h2/db): libpq judges it; describe() copes
+        if "port" in str(exc).lower():
+            return "its port is not a number from 1 to 65535"
+        return (f"it does not parse as a URL ({exc}): percent-encode special characters of the user name and "
+                "password (e.g. '[' as %5B, ']' as %5D, '@' as %40, '/' as %2F)")
+    if port == 0:
+        return "its port is not a number from 1 to 65535"
+    return None
 
 
 def check_target(value: Any) -> str:
@@ -71,6 +107,9 @@ def check_target(value: Any) -> str:
         if scheme not in PG_SCHEMES:
             raise ValueError(f"unsupported scheme {scheme!r}: use postgresql://user@host:port/db, or an absolute "
                              "SQLite file path")
+        problem = url_problem(value)
+        if problem:
+            raise ValueError(f"not a valid PostgreSQL URL: {problem}")
         return value
     if not Path(value).is_absolute():
         raise ValueError("a SQLite ledger path must be absolute")
@@ -182,6 +221,9 @@ class Database:
     def schema_version(self) -> int:
         raise NotImplementedError
 
+    def set_lease_ttl(self, ttl: float) -> None:
+        """Fit the session's timeouts to the daemons' lease ttl (PostgreSQL; nothing to do on SQLite)."""
+
 
 class SqliteDatabase(Database):
     dialect = "sqlite"
@@ -249,8 +291,9 @@ class PgDatabase(Database):
     dialect = "postgresql"
     now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
+    def __init__(self, url: str, *, read_only: bool = False, lease_ttl: float | None = None) -> None:
         self.target, self.url, self.read_only = url, url, read_only
+        self.settings = session_settings(lease_ttl or DEFAULT_LEASE_TTL, read_only=read_only)
         self._depth = 0  # open transactions (a nested one is a savepoint): no reconnecting inside one
         self.conn = self._connect()
 
@@ -259,13 +302,37 @@ class PgDatabase(Database):
 
         try:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
-                                   row_factory=_pg_row_factory, application_name="ckptd")
-            if self.read_only:
-                conn.execute("SET default_transaction_read_only = on")
+                                   row_factory=_pg_row_factory, application_name="ckptd", **_tcp_kwargs(self.url))
+            try:
+                self._apply(conn)
+            except BaseException:
+                conn.close()
+                raise
             return conn
         except psycopg.Error as exc:
             raise LedgerConnectError(f"cannot connect to the ledger database {describe(self.url)}: "
                                      f"{_pg_message(exc, self.url)}") from None
+
+    def _apply(self, conn: Any) -> None:
+        """The session settings, one round trip (``set_config``: a connection pooler that drops startup options
+        still gets them)."""
+        names = list(self.settings)
+        conn.execute("SELECT " + ", ".join("set_config(%s, %s, false)" for _ in names),
+                     [v for n in names for v in (n, self.settings[n])])
+
+    def set_lease_ttl(self, ttl: float) -> None:
+        """Timeouts that fit ``ttl``: a statement waits for a row lock at most ``min(5 s, ttl/6)`` (a claim of a
+        run whose row a stalled daemon holds gives up well before the ttl, and the heartbeat is never stuck
+        behind it); the server ends a session idle inside a transaction for ``ttl`` (a daemon stalled mid-
+        publication, whose lease has expired meanwhile: its transaction rolls back and its row locks go)."""
+        self.settings = session_settings(ttl, read_only=self.read_only)
+        if not self._depth and not (self.conn.closed or self.conn.broken):
+            import psycopg
+
+            try:
+                self._apply(self.conn)
+            except psycopg.Error as exc:
+                raise PgError(_pg_message(exc, self.url)) from exc
 
     def _ready(self) -> Any:
         if not self._depth and (self.conn.closed or self.conn.broken):
@@ -337,30 +404,78 @@ def _pg_row_factory(cursor: Any) -> Any:
     return cls
 
 
-def _pg_message(exc: BaseException, url: str) -> str:
-    """psycopg's message on one line, with the URL's password removed should the server or libpq echo it."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+def session_settings(ttl: float, *, read_only: bool = False) -> dict[str, str]:
+    """PostgreSQL session settings (``set_config`` values) for daemons whose leases last ``ttl`` seconds; see
+    :meth:`PgDatabase.set_lease_ttl`. Statements and transactions are bounded: a stalled peer never freezes us."""
+    lock_ms = max(50, int(min(LOCK_TIMEOUT_MAX, ttl / 6) * 1000))
+    out = {
+        "lock_timeout": f"{lock_ms}ms",
+        "statement_timeout": f"{int(max(STATEMENT_TIMEOUT, 4 * ttl) * 1000)}ms",
+        "idle_in_transaction_session_timeout": f"{max(1000, int(ttl * 1000))}ms",
+        "tcp_keepalives_idle": str(KEEPALIVES["keepalives_idle"]),
+        "tcp_keepalives_interval": str(KEEPALIVES["keepalives_interval"]),
+        "tcp_keepalives_count": str(KEEPALIVES["keepalives_count"]),
+    }
+    if read_only:
+        out["default_transaction_read_only"] = "on"
+    return out
+
+
+def _tcp_kwargs(url: str) -> dict[str, Any]:
+    """libpq keepalive options (and ``tcp_user_timeout`` where libpq has it), unless the URL sets them."""
+    import psycopg
+
+    try:
+        given = set(psycopg.conninfo.conninfo_to_dict(url))
+    except psycopg.Error:
+        given = set()  # psycopg.connect reports the URL's problem
+    out: dict[str, Any] = {k: v for k, v in KEEPALIVES.items() if k not in given}
+    if psycopg.pq.version() >= 120000 and "tcp_user_timeout" not in given:
+        out["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
+    return out
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """A statement that gave up waiting for a lock (PostgreSQL ``lock_timeout``, SQLSTATE 55P03)."""
+    return getattr(exc.__cause__, "sqlstate", None) == "55P03"
+
+
+def _password(url: str) -> str | None:
     from urllib.parse import urlsplit
 
     try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
+        return urlsplit(url).password
+    except ValueError:  # a URL Python does not parse: the user info by hand
+        userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        return userinfo.partition(":")[2] or None
+
+
+def _pg_message(exc: BaseException, url: str) -> str:
+    """psycopg's message on one line, with the URL's password removed should the server or libpq echo it."""
+    from urllib.parse import unquote
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    password = _password(url)
     if password:
-        text = text.replace(password, "***")
+        for form in sorted({password, unquote(password)}, key=len, reverse=True):
+            text = text.replace(form, "***")
     return text
 
 
-def connect(target: Target, *, read_only: bool = False) -> Database:
+def connect(target: Target, *, read_only: bool = False, lease_ttl: float | None = None) -> Database:
     """Open the ledger database: a ``postgresql://`` URL (psycopg 3), else a SQLite file path (WAL). Raises
-    :class:`LedgerConnectError` when PostgreSQL cannot be reached, :class:`sqlite3.Error` for a bad SQLite file."""
+    :class:`LedgerConnectError` when PostgreSQL cannot be reached or the URL is malformed, :class:`sqlite3.Error`
+    for a bad SQLite file. ``lease_ttl``: see :meth:`PgDatabase.set_lease_ttl` (default: the config's default)."""
     if is_pg(target):
         try:
             import psycopg  # noqa: F401
         except ImportError:
             raise LedgerConnectError(f"the ledger {describe(target)} is a PostgreSQL database, and psycopg is not "
                                      "installed: pip install 'ckptd[postgres]'") from None
-        return PgDatabase(str(target), read_only=read_only)
+        problem = url_problem(str(target))
+        if problem:
+            raise LedgerConnectError(f"the ledger {describe(target)} is not a valid PostgreSQL URL: {problem}")
+        return PgDatabase(str(target), read_only=read_only, lease_ttl=lease_ttl)
     path = Path(target)
     return SqliteDatabase.open_readonly(path) if read_only else SqliteDatabase.open(path)
 
@@ -455,7 +570,9 @@ def migrate(db: Database) -> int:
     if found >= SCHEMA_VERSION:
         return found
     with db.transaction():
-        if db.dialect == "postgresql":
+        if db.dialect == "postgresql":  # another daemon migrating (or a busy table) is waited for, not failed on
+            db.execute("SET LOCAL lock_timeout = '120s'")
+            db.execute("SET LOCAL statement_timeout = 0")
             db.execute(f"SELECT pg_advisory_xact_lock({MIGRATE_LOCK})")
             db.execute("CREATE TABLE IF NOT EXISTS ckptd_schema (version BIGINT NOT NULL, migrated_at "
                        "DOUBLE PRECISION NOT NULL)")

@@ -255,6 +255,9 @@ class Daemon:
         if self.leases.holds(key) and not state.streams.retired:
             return True
         if not self.leases.ensure(key):
+            if self.once:  # `ckptd once` leaves it to the daemon holding it: say so
+                self.log.info("run.held_elsewhere", watch=ctx.watch.name, run=ctx.run,
+                              reason="another ckptd process sharing the ledger holds this run; it processes it")
             state.pending = 0
             state.lease_retry_at = time.monotonic() + min(self._scan_interval(state), max(self.leases.ttl / 3, 0.5))
             return False

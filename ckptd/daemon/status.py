@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from ckptd.daemon.leases import display_holder
 from ckptd.daemon.ledger import EXPORT_ERROR_PREFIX, ledger_target
 from ckptd.daemon.ledger_db import Database, LedgerConnectError, Row, SqliteDatabase, connect, describe, is_pg
 from ckptd.daemon.policy import Record, ranked
@@ -335,18 +336,25 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
             "last_event": row["last_event"], "last_activity_at": row.get("last_activity_at"),
             "export": row["export"]["status"] if row["export"] else None,
             "has_error": has_error(row), "error": (row["last_error"] or f"latest checkpoint rejected: "
-                                                   f"{row['last_invalid']['reason']}") if has_error(row) else None}
+                                                   f"{row['last_invalid']['reason']}") if has_error(row) else None,
+            "holder": display_holder(row.get("holder")), "held_since": row.get("held_since")}
 
 
 def run_summaries(config: Any) -> list[dict[str, Any]]:
     """One compact dict per run and stream, most recent activity first: what ``ckptd status`` prints as a
     table (``best_metric``, ``best_step``, ``members``/``top_k``, ``seen``, ``last_event``, ``last_activity_at``,
-    ``export``, ``has_error`` and ``error``)."""
+    ``export``, ``has_error`` and ``error``; ``holder``, ``host:pid`` of the daemon holding the run's lease, and
+    ``held_since``)."""
     return [summary(r) for r in by_activity(collect_status(config))]
 
 
 def _ago(ts: float | None) -> str:
     return f"{age(ts)} ago" if ts else "never"
+
+
+def _clock(ts: float | None) -> str:
+    """Local date and time of ``ts`` (seconds since the epoch), to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 def age(ts: float | None, now: float | None = None) -> str:
@@ -387,22 +395,30 @@ def fmt_num(value: float | int | None) -> str:
 
 
 TABLE_HEADERS = ("!", "RUN", "STREAM", "BEST", "STEP", "TOP-K", "SEEN", "LAST EVENT", "AGE", "EXPORT")
-TABLE_WIDEST = {"RUN": 40, "STREAM": 16, "LAST EVENT": 32, "EXPORT": 12}  # longer cells end in an ellipsis
+HOLDER_HEADERS = ("HELD BY", "HELD")  # only when some run's lease is held (a daemon is processing it)
+TABLE_WIDEST = {"RUN": 40, "STREAM": 16, "LAST EVENT": 32, "EXPORT": 12, "HELD BY": 32}  # cut with an ellipsis
 
 
 def print_table(rows: Sequence[dict[str, Any]], stream: TextIO | None = None, *, now: float | None = None) -> None:
-    """The default human view: one line per run and stream, most recent activity first."""
+    """The default human view: one line per run and stream, most recent activity first. When a daemon holds some
+    run's lease, two more columns say which one (``host:pid``) and for how long (several daemons sharing a
+    PostgreSQL ledger split the runs)."""
     out = stream or sys.stdout
     if not rows:
         print(NO_RUNS, file=out)
         return
+    summaries = [summary(r) for r in by_activity(rows)]
+    held = any(s["holder"] for s in summaries)
     cells = []
-    for s in (summary(r) for r in by_activity(rows)):
+    for s in summaries:
         topk = f"{s['members']}/{s['top_k']}" if s["top_k"] else str(s["members"])
         cells.append(["!" if s["has_error"] else "", f"{s['watch']}/{s['run']}", s["stream"], fmt_num(s["best_metric"]),
                       fmt_num(s["best_step"]), topk, str(s["seen"]), s["last_event"] or "-",
                       age(s["last_activity_at"], now), s["export"] or "-"])
-    for text in render_table(TABLE_HEADERS, cells, right=("BEST", "STEP", "TOP-K", "SEEN", "AGE"),
+        if held:
+            cells[-1] += [s["holder"] or "-", age(s["held_since"], now) if s["holder"] else "-"]
+    headers = TABLE_HEADERS + HOLDER_HEADERS if held else TABLE_HEADERS
+    for text in render_table(headers, cells, right=("BEST", "STEP", "TOP-K", "SEEN", "AGE", "HELD"),
                              widest=TABLE_WIDEST):
         print(text, file=out)
 
@@ -430,6 +446,9 @@ def print_status(rows: list[dict[str, Any]], stream: TextIO | None = None) -> No
             last = r["last_invalid"]
             say(f"  invalid   {r['invalid']} rejected; latest {Path(last['source']).name}: {last['reason']}")
         say(f"  last      {r['last_event'] or '-'} ({_ago(r['last_event_at'])})")
+        if r.get("holder"):
+            say(f"  held by   {display_holder(r['holder'])} since {_clock(r.get('held_since'))} "
+                f"({_ago(r.get('held_since'))}; lease holder {r['holder']})")
         if r["last_error"]:
             say(f"  error     {r['last_error']} ({_ago(r['last_error_at'])})")
         if r["export"]:
