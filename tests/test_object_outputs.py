@@ -206,7 +206,8 @@ class Reader(threading.Thread):
 @pytest.mark.slow
 def test_daemon_publishes_to_s3_bitwise_and_a_reader_never_sees_a_mix(s3: S3Endpoint, tmp_path: Path) -> None:
     bucket = s3.bucket()
-    config = write_config(tmp_path, watch={"output": f"s3://{bucket}/out/{{watch}}/{{run}}"},
+    config = write_config(tmp_path, watch={"output": f"s3://{bucket}/out/{{watch}}/{{run}}",
+                                           "retain_grace": "0s"},  # one publication longer only
                           policy={"average": {"top_k": 2}})
     out = tmp_path / "state/staging/w/exp"
     fs, base = filesystem(f"s3://{bucket}/out/w/exp")
@@ -313,3 +314,235 @@ def test_coreml_export_lands_under_a_versioned_prefix_named_by_the_manifest(s3: 
     for rel in local_files:  # the whole package, bit for bit, and the manifest names every file
         assert fs.cat_file(f"{base}/coreml/{version}/{rel}") == (package / rel).read_bytes()
         assert f"coreml/{version}/{rel}" in remote["objects"]
+
+
+# --- several daemons, one run: the late writer, the grace for slow readers --------------------------------------------
+class _Events:
+    """A structlog-like logger that keeps its events (what the daemon would log)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def bind(self, **kw: Any) -> _Events:
+        return self
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: self.events.append((level, event, kw))
+
+    def names(self) -> list[str]:
+        return [e for _, e, _ in self.events]
+
+
+def _remote_outputs(tmp_path: Path, name: str, url: str, generation: int, fence: Any, grace: str = "0s") -> Any:
+    """A daemon's publisher for run ``exp`` (its own staging dir and SQLite ledger); the lease is ``fence``."""
+    from types import SimpleNamespace
+
+    from ckptd.daemon.ledger import Ledger
+    from ckptd.daemon.remote_publish import RemoteOutputs
+    from ckptd.units import parse_duration
+
+    watch = SimpleNamespace(name="w", remote_output=url, storage_options={}, retain_grace=parse_duration(grace))
+    ctx = SimpleNamespace(watch=watch, run="exp", stream="model", output=tmp_path / name / "staging")
+    log = _Events()
+    remote = RemoteOutputs(ctx, Ledger(tmp_path / name / "ledger.sqlite3"), log, threading.RLock(),  # type: ignore
+                           generation=lambda: generation, fence=fence)
+    return remote, ctx.output, log
+
+
+def _all_named_exist(fs: Any, base: str) -> dict[str, Any]:
+    manifest = read_manifest(fs, base)
+    assert manifest is not None
+    missing = [k for k in manifest["objects"] if not fs.exists(f"{base}/{k}")]
+    assert not missing, missing
+    return manifest
+
+
+def _late_writer(s3: S3Endpoint, tmp_path: Path, *, stall_after_check: bool, conditional: bool = True) -> Any:
+    """Daemon A publishes the run (generation 3), commits again locally and stalls in that publication (before or
+    after its lease check); B takes the run over and publishes generation 6; A resumes. The lease is FAKE here (a
+    variable saying who holds the run; the real one is tests/test_run_leases.py): only where A stalls matters."""
+    from types import SimpleNamespace
+
+    from ckptd.errors import LeaseLost
+
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/out/exp"
+    holder = ["A"]
+    checks: list[str] = []
+
+    def lease(me: str) -> Any:
+        def fence() -> None:
+            checks.append(me)
+            if holder[0] != me:
+                raise LeaseLost("w", "exp", me, holder[0])
+        return fence
+
+    def a_fence() -> None:  # A stalls (once) before or after its lease check: B takes the run over meanwhile
+        if not stall_after_check and stalling:
+            stalling.pop()()
+        lease("A")()
+        if stall_after_check and stalling:
+            stalling.pop()()
+
+    def b_takes_over() -> None:
+        holder[0] = "B"
+        _stage(b_out, 3)
+        b.after_commit()
+
+    stalling: list[Any] = []
+    a, a_out, a_log = _remote_outputs(tmp_path, "a", url, 3, a_fence)
+    b, b_out, b_log = _remote_outputs(tmp_path, "b", url, 6, lease("B"))
+    _stage(a_out, 1)
+    a.after_commit()
+    a._get_publisher().conditional = conditional
+    _stage(a_out, 2)
+    stalling.append(b_takes_over)
+    a.after_commit()
+    fs, base = filesystem(url)
+    return SimpleNamespace(a=a, b=b, a_log=a_log, b_log=b_log, fs=fs, base=base, b_out=b_out, checks=checks)
+
+
+def _is_bs(t: Any) -> dict[str, Any]:
+    manifest = _all_named_exist(t.fs, t.base)
+    assert manifest["generation"] == 6 and manifest[MANIFEST_SOURCE] == local_manifest_sha256(t.b_out)
+    return manifest
+
+
+def test_a_daemon_that_lost_the_run_never_replaces_the_holders_manifest(s3: S3Endpoint, tmp_path: Path) -> None:
+    from ckptd.errors import LeaseLost
+
+    # A stalls while uploading: its lease check, right before its PUT, says the run is B's now
+    t = _late_writer(s3, tmp_path / "before", stall_after_check=False)
+    _is_bs(t)
+    assert "outputs.remote_skipped" in t.a_log.names() and "outputs.remote_failed" not in t.a_log.names()
+    with pytest.raises(LeaseLost):  # the job's end: the service lets the run go (run.lease_lost), no run error
+        t.a.catch_up()
+    # A stalls *after* its lease check: its conditional PUT (moto honours If-Match) finds B's manifest; A plans
+    # again, sees generation 6, checks its lease again and stops
+    t = _late_writer(s3, tmp_path / "after", stall_after_check=True)
+    _is_bs(t)
+    assert "outputs.remote_manifest_changed" in t.a_log.names() and "outputs.remote_skipped" in t.a_log.names()
+    assert "outputs.remote_failed" not in t.a_log.names()
+    # a store without conditional PUTs (switched off here): the late write lands; B's next job repairs it
+    t = _late_writer(s3, tmp_path / "unconditional", stall_after_check=True, conditional=False)
+    assert read_manifest(t.fs, t.base)["generation"] == 3  # type: ignore[index]  # A's late write, in place
+    t.b.catch_up()  # one GET: not B's manifest -> B publishes again
+    _is_bs(t)
+    assert "outputs.remote_replaced" in t.b_log.names() and "outputs.remote_failed" not in t.b_log.names()
+    t.b.catch_up()  # in place now: nothing to do
+    assert t.b_log.names().count("outputs.remote_published") == 2
+
+
+def test_a_store_that_refuses_conditional_puts_gets_an_unconditional_one(
+        s3: S3Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ClientError
+
+    bucket = s3.bucket()
+    fs, base = filesystem(f"s3://{bucket}/out/run")
+    publisher = ObjectPublisher(fs, base, _Log())
+    real_pipe = fs.pipe_file
+    refused: list[dict[str, Any]] = []
+
+    def no_conditions(path: str, data: bytes, **kw: Any) -> Any:
+        # FAULT INJECTION: an S3-compatible store without conditional writes (as botocore reports it)
+        if kw:
+            refused.append(kw)
+            raise OSError(38, "NotImplemented") from ClientError(
+                {"Error": {"Code": "NotImplemented", "Message": "If-None-Match is not implemented"},
+                 "ResponseMetadata": {"HTTPStatusCode": 501}}, "PutObject")
+        return real_pipe(path, data)
+
+    monkeypatch.setattr(fs, "pipe_file", no_conditions)
+    out = tmp_path / "staging"
+    _stage(out, 1)
+    assert publisher.publish(out)["committed"] and refused == [{"IfNoneMatch": "*"}]
+    _stage(out, 2)
+    assert publisher.publish(out)["committed"] and len(refused) == 1  # not asked again in this process
+    assert read_manifest(fs, base)[MANIFEST_SOURCE] == local_manifest_sha256(out)  # type: ignore[index]
+
+
+def test_plan_keeps_superseded_objects_for_the_grace() -> None:
+    a, b, c = (_file(f"members/{x}.safetensors", x) for x in "abc")
+    first = plan_publication(_staged([_file("best.safetensors", "a"), a]), {}, None, now=1000.0, grace=60)
+    second = plan_publication(_staged([_file("best.safetensors", "b"), b], sha="n"), {a.key: 10}, first.manifest,
+                              now=1010.0, grace=60)
+    assert second.fresh == (a.key,) and second.manifest["retained"] == [a.key] and not second.deletes
+    listing = {a.key: 10, b.key: 10}
+    third = plan_publication(_staged([_file("best.safetensors", "c"), c], sha="o"), listing, second.manifest,
+                             now=1020.0, grace=60)
+    # a was superseded 10 s ago: kept although the manifest that named it is two publications back
+    assert third.manifest["superseded_at"] == {a.key: 1010.0, b.key: 1020.0} and not third.deletes
+    listing[c.key] = 10
+    fourth = plan_publication(_staged([_file("best.safetensors", "c"), c], sha="p"), listing, third.manifest,
+                              now=1071.0, grace=60)
+    assert fourth.deletes == (a.key,) and fourth.manifest["superseded_at"] == {b.key: 1020.0}
+    # a manifest written before the record had times: its retained keys count as superseded now
+    legacy = {**third.manifest, "superseded_at": None}
+    again = plan_publication(_staged([_file("best.safetensors", "c"), c], sha="q"), listing, legacy,
+                             now=5000.0, grace=60)
+    assert not again.deletes and set(again.manifest["retained"]) == {a.key, b.key}
+    # named again: no longer superseded
+    back = plan_publication(_staged([_file("best.safetensors", "a"), a], sha="r"), listing, third.manifest,
+                            now=1030.0, grace=60)
+    assert a.key not in back.manifest["superseded_at"] and back.manifest["superseded_at"][c.key] == 1030.0
+
+
+def test_a_slow_reader_finds_every_object_of_a_manifest_read_within_the_grace(s3: S3Endpoint,
+                                                                              tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    fs, base = filesystem(f"s3://{bucket}/out/run")
+    clock = [1000.0]
+    publisher = ObjectPublisher(fs, base, _Log(), retain_grace=60, clock=lambda: clock[0])
+    out = tmp_path / "staging"
+    _stage(out, 1)
+    publisher.publish(out)
+    read_early = read_manifest(fs, base)  # a slow reader reads this manifest, then fetches its objects later
+    assert read_early is not None
+    for seed in (2, 3, 4):  # three publications in 30 s: the early manifest's objects stay
+        clock[0] += 10
+        _stage(out, seed)
+        publisher.publish(out)
+    assert all(fs.exists(f"{base}/{k}") for k in read_early["objects"])
+    clock[0] += 61  # the grace has passed: the next publication deletes them (once; a second delete is a no-op)
+    _stage(out, 5)
+    result = publisher.publish(out)
+    assert set(read_early["objects"]) <= set(result["deleted"])
+    assert not any(fs.exists(f"{base}/{k}") for k in read_early["objects"])
+    assert publisher._delete(tuple(result["deleted"])) == result["deleted"]  # idempotent
+    _all_named_exist(fs, base)
+
+
+def test_failure_reasons_never_carry_a_urls_user_info(s3: S3Endpoint, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3 as sql
+
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/out/exp"
+    remote, out, log = _remote_outputs(tmp_path, "a", url, 1, None)
+    fs, _ = filesystem(url)
+
+    def leaky(lpath: str, rpath: str, **kw: Any) -> Any:
+        # FAULT INJECTION: botocore quoting an endpoint URL with credentials in it
+        raise OSError("Could not connect to the endpoint URL: 'http://AKIAX:sec/ret+KEY@127.0.0.1:1/b'")
+
+    monkeypatch.setattr(fs, "put_file", leaky)
+    _stage(out, 1)
+    remote.after_commit()
+    (reason,) = [kw["reason"] for level, e, kw in log.events if e == "outputs.remote_failed"]
+    assert "sec/ret" not in reason and "AKIAX" not in reason and "<redacted>@127.0.0.1" in reason
+    db = sql.connect(tmp_path / "a" / "ledger.sqlite3")
+    assert not [r for r in db.execute("SELECT * FROM runs") if "sec/ret" in str(r)]
+
+
+def test_the_generation_a_fence_returns_is_the_manifests_and_catch_up_leaves_it(s3: S3Endpoint,
+                                                                                tmp_path: Path) -> None:
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/out/exp"
+    fs, base = filesystem(url)
+    remote, out, log = _remote_outputs(tmp_path, "a", url, 2, lambda: 9)  # the fence bumped the run to 9
+    _stage(out, 1)
+    remote.after_commit()
+    assert read_manifest(fs, base)["generation"] == 9  # type: ignore[index]
+    remote.catch_up()  # in place (9 is what this process wrote): nothing published again
+    remote.catch_up()
+    assert log.names().count("outputs.remote_published") == 1 and "outputs.remote_replaced" not in log.names()

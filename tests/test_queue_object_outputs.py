@@ -76,7 +76,8 @@ def _save(path: Path, seed: int, metric: float) -> None:
 
 def _configs(tmp_path: Path, pg_url: str, bucket: str, coreml: dict[str, Any]) -> tuple[Path, Path]:
     """The daemon's config and the worker's: the same ledger and watch, each its own state_dir."""
-    daemon = write_config(tmp_path, watch={"output": f"s3://{bucket}/out/{{watch}}/{{run}}"},
+    daemon = write_config(tmp_path, watch={"output": f"s3://{bucket}/out/{{watch}}/{{run}}",
+                                           "retain_grace": "0s"},  # superseded objects: one publication longer
                           policy={"export": {"executor": "queue", "coreml": coreml}},
                           extra={"ledger": pg_url, "lease_ttl": "5s"})
     cfg = yaml.safe_load(daemon.read_text())

@@ -48,7 +48,14 @@ from ckptd.daemon.ledger_db import check_target as check_ledger_target
 from ckptd.errors import ConfigError
 from ckptd.metric_sources import ValueSource, parse_source
 from ckptd.remote.urls import EXTRAS, is_remote, local_path, scheme
-from ckptd.remote.watch_config import check_local_only, mirrored_root, remote_watch
+from ckptd.remote.watch_config import (
+    check_local_only,
+    check_outputs,
+    check_retain_grace,
+    check_url,
+    mirrored_root,
+    remote_watch,
+)
 from ckptd.trainers import PRESETS, STREAM_NAMES, TRAINERS, PlanSettings, RunPlan, plan_run
 from ckptd.trainers.presets import PLAIN_INCLUDE, PLAIN_METRIC, PLAIN_STEP
 from ckptd.units import parse_duration
@@ -173,6 +180,8 @@ class Watch:
     # ckptd.remote.mirror; the mode is poll) and the SQS queue whose notifications trigger earlier listings
     remote: str = ""
     sqs_queue: str = ""
+    # object-store outputs: superseded objects stay at least this long (and one publication) for slow readers
+    retain_grace: float = 60.0
 
     @property
     def output_root(self) -> Path:
@@ -276,7 +285,7 @@ def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any],
     path = f"watches[{i}]"
     sec = Section(data, path, problems, ("name", "root", "runs", "include", "exclude", "mode", "poll_interval",
                                           "settle", "output", "policy", "max_depth", "allow_output_in_root",
-                                          "trainer", "storage_options", "events"))
+                                          "trainer", "storage_options", "events", "retain_grace"))
     name = sec.required("name", check_str, "a name")
     root = sec.required("root", check_str, "a directory path")
     root = local_path(root) if root else root  # file:///srv/train is a plain path
@@ -299,7 +308,9 @@ def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any],
         trainer=sec.get("trainer", "auto", check_choice(*TRAINERS), " | ".join(TRAINERS)),
         explicit=frozenset(k for k in ("include",) if k in sec.data),
         storage_options=sec.get("storage_options", {}, _check_options, "a mapping of fsspec options"),
+        retain_grace=sec.get("retain_grace", 60.0, parse_duration, "a duration like 60s"),
     )
+    check_retain_grace(watch, sec.data, path, problems)
     if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         problems.add(f"{path}.name", "use letters, digits, '.', '_' or '-' (it is used in paths)")
     if root and is_remote(root):  # listed through a mirror; nothing is listed (no network) at config time
@@ -319,6 +330,7 @@ def _watch(i: int, data: Any, problems: Problems, policies: Mapping[str, Any],
         if watch.runs != "." and "run" not in placeholders:
             problems.add(f"{path}.output", "must contain {run} when runs is a glob (each run needs its own outputs)")
         if is_remote(output):
+            check_url(output, f"{path}.output", problems)
             _check_store(output, f"{path}.output", problems)
         elif not Path(output).is_absolute():
             problems.add(f"{path}.output", "must be an absolute path template")
@@ -428,6 +440,7 @@ def parse_config(data: Any, source: str = "<config>", *, check_paths: bool = Tru
                if (w := _watch(i, item, problems, raw_policies, check_paths))]
     watches = [_staged_output(w, Path(state_dir or ".")) for w in watches]
     watches = [mirrored_root(w, Path(state_dir or ".")) for w in watches]
+    check_outputs(watches, problems)
     for i, w in enumerate(watches):
         _check_trainer_needs(i, w, policies, problems)
     names = [w.name for w in watches]

@@ -19,6 +19,7 @@ from ckptd.daemon.config import Watch
 from ckptd.file_checks import refusal
 from ckptd.formats import HF_ADAPTER_FILES, HF_MODEL_FILES
 from ckptd.remote.mirror import is_mirrored
+from ckptd.remote.watch_config import output_mirror_dir
 from ckptd.trainers import RunPlan
 
 HF_TRAINER_STATE = "trainer_state.json"
@@ -123,7 +124,7 @@ def scan_run(run_dir: Path, watch: Watch, plan: RunPlan | None = None) -> list[O
     (candidates carry the streams they feed; resume states come back with ``resume`` set); without one, files
     matching ``include`` and checkpoint folders are candidates of the ``model`` stream.
     The watch's own output root is never descended into (outputs inside a root need allow_output_in_root)."""
-    skip = Path(watch.output_root) if watch.output else None
+    skip = (output_mirror_dir(watch) if watch.remote else None) or (Path(watch.output_root) if watch.output else None)
     found: list[Observation] = []
     if plan is None:
         for rel, is_dir in _walk(run_dir, watch.max_depth, skip, None, watch.exclude):

@@ -121,7 +121,7 @@ class RunProcessor:
         self._final: dict[str, tuple[int, int]] = {}
         self.generation: int | None = None  # the run's generation from the last fenced publication (leases)
         self.remote = remote_publish.for_run(ctx, ledger, self.log, self.manifest_lock,  # object-store outputs
-                                             generation=lambda: self.generation)
+                                             generation=lambda: self.generation, fence=self._remote_fence)
         # set by the daemon: checks, inside a ledger transaction, that this daemon still holds the run's lease
         # (raises LeaseLost); every publication runs it before its swap (``ckptd.daemon.run_leases``)
         self.fence: Callable[[Any], Any] | None = None
@@ -180,6 +180,15 @@ class RunProcessor:
                                         f"{exc.strerror or exc}; nothing was published, the previous outputs stay; "
                                         "retrying after a back-off") from exc
             raise
+
+    def _remote_fence(self) -> int | None:
+        """Right before a remote manifest PUT: is the run still ours (raises LeaseLost)? Returns the generation
+        the manifest carries."""
+        if self.fence is None:
+            return None
+        with self.ledger.transaction() as db:
+            self.generation = self.fence(db)
+        return self.generation
 
     def _check_lease(self) -> None:
         """Raise :class:`LeaseLost` unless this daemon still holds the run (with the fence's margin): checked in

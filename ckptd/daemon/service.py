@@ -41,6 +41,8 @@ from ckptd.daemon.watches import WatchSet
 from ckptd.errors import CkptdError, ConfigError, LeaseLost
 from ckptd.remote.mirror import MirrorChange, canonical
 from ckptd.remote.roots import RemoteRoots, affected_runs, committed_objects
+from ckptd.remote.urls import under
+from ckptd.remote.watch_config import output_prefixes
 
 __all__ = ["LEDGER_NAME", "Daemon", "watch_summary"]
 
@@ -153,10 +155,13 @@ class Daemon:
                 continue
             policy = self.config.policy_for(watch)
             out_root = Path(os.path.realpath(watch.output_root))
+            own = output_prefixes(self.config.watches) if watch.remote else ()
             for run_dir in list_runs(watch):
                 real = Path(os.path.realpath(run_dir))
                 if real == out_root or out_root in real.parents:
                     continue  # our own outputs (allow_output_in_root) are never a run
+                if own and any(under(canonical(run_dir), prefix) for prefix in own):
+                    continue  # our own object-store outputs under a watched prefix (allow_output_in_root)
                 key = (watch.name, run_dir)
                 seen.add(key)
                 state = self.runs.get(key)

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from ckptd.atomic import TEMP_PREFIX
 from ckptd.remote.scope import WatchScope, is_metadata
-from ckptd.remote.urls import filesystem, redact
+from ckptd.remote.urls import filesystem, redact, scrub
 
 MIRROR_DIR = "mirror"  # <state_dir>/mirror/<watch name>
 WHOLE_LIMIT = 1 << 20  # metadata objects up to this size are downloaded whole (sidecars, markers, .metadata)
@@ -387,7 +387,7 @@ class ObjectMirror:
             except OSError:
                 pass
             if isinstance(exc, _Gone):  # deleted or overwritten since the listing: the next listing sees it
-                self.log.info("mirror.fetch_skipped", watch=self.watch.name, key=ref.url, reason=str(exc))
+                self.log.info("mirror.fetch_skipped", watch=self.watch.name, key=ref.url, reason=scrub(str(exc)))
             else:
                 self._write_failed(stub, exc)
             return False
@@ -396,7 +396,7 @@ class ObjectMirror:
 
     def _write_failed(self, path: Path, exc: OSError) -> None:
         """One log line per path and reason, not one per listing (a disk full, a name this disk refuses)."""
-        reason = exc.strerror or str(exc)
+        reason = scrub(exc.strerror or str(exc))
         key = str(path)
         if self._write_failures.get(key) != reason and self._failing_now.get(key) != reason:
             rel = os.path.relpath(path, self.root)
@@ -457,7 +457,7 @@ def _stream(ref: ObjectRef, fh: IO[bytes]) -> None:
     try:
         src = ref.fs.open(ref.path, "rb", block_size=STREAM_CHUNK * 4)
     except Exception as exc:  # noqa: BLE001 (deleted, network, permissions: the next listing tries again)
-        raise _Gone(f"{type(exc).__name__}: {exc}"[:300]) from None
+        raise _Gone(scrub(f"{type(exc).__name__}: {exc}")[:300]) from None
     with src:
         etag = object_etag(getattr(src, "details", None) or {})
         if etag and etag != ref.etag:
@@ -466,7 +466,7 @@ def _stream(ref: ObjectRef, fh: IO[bytes]) -> None:
             try:
                 chunk = src.read(STREAM_CHUNK)
             except Exception as exc:  # noqa: BLE001
-                raise _Gone(f"{type(exc).__name__}: {exc}"[:300]) from None
+                raise _Gone(scrub(f"{type(exc).__name__}: {exc}")[:300]) from None
             if not chunk:
                 break
             fh.write(chunk)

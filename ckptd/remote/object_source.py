@@ -25,6 +25,7 @@ import torch
 from ckptd.errors import CheckpointChangedError, CheckpointError
 from ckptd.file_source import EAGER_BYTES, FileSource, FileStamp
 from ckptd.remote.mirror import ObjectRef, lookup, object_etag
+from ckptd.remote.urls import scrub
 
 READ_AHEAD = 4 << 10  # a small read (a header) fetches this much: the next small read is usually free
 FILE_READ_AHEAD = 1 << 20  # the most a sequential run of file-object reads fetches ahead (doubling from 4 KiB)
@@ -133,7 +134,7 @@ class ObjectSource(FileSource):
         except FileNotFoundError:
             return None
         except Exception as exc:  # network, credentials: cannot vouch for what was read  # noqa: BLE001
-            return f"cannot check the object: {type(exc).__name__}: {exc}"
+            return scrub(f"cannot check the object: {type(exc).__name__}: {exc}")
         finally:
             STATS.add(heads=1)
         size = int(info.get("size") or 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.remote.mirror import MirrorChange, ObjectMirror
-from ckptd.remote.urls import redact
+from ckptd.remote.urls import redact, scrub
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar", ".pkl", ".safetensors")  # formats.TORCH_SUFFIXES + st
 CLOSE_WAIT = 0.2  # seconds close() waits for a listing in flight (it finishes on its own and hands over nothing)
@@ -93,7 +93,7 @@ class WatchLister:
             self._mirror.watch, self._mirror.log = watch, log  # a reload's runs/exclude/max_depth: what is mirrored
             change = self._mirror.refresh()
         except Exception as exc:  # noqa: BLE001 (any store failure: keep what we have, retry next poll_interval)
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = scrub(f"{type(exc).__name__}: {exc}")
             if self._stop.is_set():
                 return None
             if self.failing != reason:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
-from ckptd.remote.urls import redact
+from ckptd.remote.urls import redact, scrub
 
 WAIT_SECONDS = 10  # SQS long poll; also the longest close() leaves the thread running
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0  # after a failed receive (queue missing, network, credentials)
@@ -170,7 +170,7 @@ class SqsHints:
 
 def _describe(exc: BaseException) -> str:
     """An exception for a log line: its type and text, cut to :data:`REASON_MAX` characters."""
-    text = f"{type(exc).__name__}: {exc}"
+    text = scrub(f"{type(exc).__name__}: {exc}")
     return text if len(text) <= REASON_MAX else text[:REASON_MAX] + "…"
 
 

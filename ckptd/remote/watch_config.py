@@ -104,6 +104,20 @@ def output_prefixes(watches: Sequence[Watch]) -> tuple[str, ...]:
     return tuple(sorted({_output_prefix(w) for w in watches if w.remote_output}))
 
 
+def output_mirror_dir(watch: Watch) -> Path | None:
+    """Where an object-store output inside the watch's own object-store root appears in its mirror (for
+    ``scan_run``'s ``skip``, as a local output root is): None when it is not inside the root, or when its static
+    part ends inside a name (``out-{run}``: such runs are skipped whole by :func:`output_prefixes`)."""
+    if not (watch.remote and watch.remote_output):
+        return None
+    root, prefix = static_prefix(watch.remote.rstrip("/") + "/"), _output_prefix(watch)
+    rel = prefix[len(root):] if prefix.startswith(root) else ""
+    whole = "{" not in watch.remote_output.replace("{watch}", "")  # a complete URL (runs: ".")
+    if not rel.strip("/") or not (whole or rel.endswith("/")):
+        return None
+    return watch.root / rel.strip("/")
+
+
 def _output_prefix(watch: Watch) -> str:
     """The static part of the watch's output template (the URL one for an object-store output)."""
     template = watch.remote_output or watch.output
@@ -134,4 +148,4 @@ def check_local_only(data: Mapping[str, Any], where: str, problems: Problems) ->
 
 
 __all__ = ["REMOTE_KEYS", "check_local_only", "check_outputs", "check_retain_grace", "check_url", "is_remote",
-           "mirrored_root", "output_prefixes", "remote_watch"]
+           "mirrored_root", "output_mirror_dir", "output_prefixes", "remote_watch"]
