@@ -5,7 +5,9 @@ usage: python bench/multi_daemon.py [--runs 6] [--checkpoints 8] [--width 1024] 
 Throughput: the same checkpoints (``runs`` x ``checkpoints`` training states of an MLP, model + Adam state) are
 moved into the watch root at once, and the time until the ledger records every one of them as processed is
 measured for: one daemon (``max_parallel_runs: 1``), two daemons (1 each, sharing the runs under leases) and, as a
-reference, one daemon with ``max_parallel_runs: 2``. All on this host, so "two daemons" shows what sharing the
+reference, one daemon with ``max_parallel_runs: 2``. ``lease_ttl: 3s`` (presence is refreshed every second, so
+the first daemon knows of the second before the work arrives; with the default 30 s a daemon that starts later
+gets its share within about 10 s). All on this host, so "two daemons" shows what sharing the
 ledger costs and gains per core, not what two hosts would give.
 
 Failover: two daemons, one trainer writing checkpoints; the daemon holding a run is killed with SIGKILL; the time
@@ -87,11 +89,12 @@ def throughput(pg: Any, tmp: Path, prepared: Path, total: int, daemons: int, par
     for i in range(daemons):
         d = work / f"d{i}"
         d.mkdir()
-        procs.append(start_daemon(config(d, "s", pg.url(db), parallel=parallel, watch=watch), d, REPO))
-    time.sleep(1.0)  # presence leases: each daemon knows the other before the work arrives
+        procs.append(start_daemon(config(d, "s", pg.url(db), parallel=parallel, watch=watch, ttl="3s"), d, REPO))
+    for run in sorted(prepared.iterdir()):
+        shutil.copytree(run, work / "staging" / run.name, copy_function=os.link)  # before the clock starts
+    time.sleep(2.5)  # presence leases (heartbeat every ttl/3): each daemon knows the other before the work arrives
     start = time.monotonic()
     for run in sorted(prepared.iterdir()):
-        shutil.copytree(run, work / "staging" / run.name)
         os.rename(work / "staging" / run.name, watch / run.name)
     while processed(pg, db) < total:
         if time.monotonic() - start > 900:
@@ -105,6 +108,19 @@ def throughput(pg: Any, tmp: Path, prepared: Path, total: int, daemons: int, par
     return seconds
 
 
+def lease_holder(pg: Any, db: str) -> str | None:
+    """The live holder of run0's lease (from the ledger: the truth, not log lines)."""
+    import psycopg
+
+    with psycopg.connect(pg.url(db), autocommit=True) as conn:
+        try:
+            row = conn.execute("SELECT holder FROM leases WHERE watch='w' AND run='run0' AND "
+                               "expires_at > EXTRACT(EPOCH FROM clock_timestamp())").fetchone()
+        except psycopg.errors.UndefinedTable:
+            return None
+    return row[0] if row else None
+
+
 def failover(pg: Any, tmp: Path, n: int) -> list[float]:
     times = []
     for i in range(n):
@@ -114,33 +130,32 @@ def failover(pg: Any, tmp: Path, n: int) -> list[float]:
         db = f"bench_failover_{i}"
         with pg.connect() as conn:
             conn.execute(f'CREATE DATABASE "{db}"')
-        daemons = []
+        daemons = {}
         for j in range(2):
             d = work / f"d{j}"
             d.mkdir()
-            daemons.append((d, start_daemon(config(d, "s", pg.url(db), parallel=1, watch=watch, ttl="5s",
-                                                   poll="1s"), d, REPO)))
+            proc = start_daemon(config(d, "s", pg.url(db), parallel=1, watch=watch, ttl="5s", poll="1s"), d, REPO)
+            daemons[proc.pid] = proc
         model = nn.Linear(64, 64)
         save_training_state(build_training_state(model, epoch=0, metric=0.1), watch / "run0" / "checkpoint_0.pt")
-        holder = None
         deadline = time.monotonic() + 60
+        holder = None
         while holder is None and time.monotonic() < deadline:
-            for d, proc in daemons:
-                if b'"run.lease_acquired"' in (d / "daemon.log").read_bytes():
-                    holder = (d, proc)
+            holder = lease_holder(pg, db)
             time.sleep(0.05)
         assert holder is not None, "no daemon took the run"
-        other = next(x for x in daemons if x is not holder)
-        seen = (other[0] / "daemon.log").read_bytes().count(b'"run.lease_acquired"')
-        holder[1].kill()
+        victim = daemons[int(holder.split(":")[1].split(".")[0])]
+        victim.kill()
         killed = time.monotonic()
-        while (other[0] / "daemon.log").read_bytes().count(b'"run.lease_acquired"') <= seen:
+        while (now := lease_holder(pg, db)) is None or now == holder:
             if time.monotonic() - killed > 60:
                 raise RuntimeError("no takeover within 60 s")
             time.sleep(0.02)
         times.append(time.monotonic() - killed)
-        other[1].send_signal(signal.SIGTERM)
-        other[1].wait(timeout=60)
+        for proc in daemons.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
     return times
 
 
@@ -156,8 +171,7 @@ def main() -> None:
         raise SystemExit("PostgreSQL binaries not found (install the Debian package postgresql)")
     tmp = Path(tempfile.mkdtemp(prefix="ckptd-bench-multi-"))
     ids = _run_as()
-    pgdir = tmp / "pg"
-    pgdir.mkdir()
+    pgdir = Path(tempfile.mkdtemp(prefix="ckptd-bench-pg-"))  # its own: _start hands it to the server's user
     pg = _start(bindir, pgdir, ids)
     try:
         prepared = tmp / "prepared"
@@ -181,6 +195,7 @@ def main() -> None:
     finally:
         _stop(pg, ids, pgdir)
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(pgdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,47 @@ def test_a_lost_lease_is_not_the_checkpoints_failure(tmp_path: Path) -> None:
     assert not (tmp_path / "out/w/exp/manifest.json").exists()
     assert torch.load(run / "a.pt", weights_only=True)["metric"] == 0.5  # the trainer's file untouched
     ledger.close()
+
+
+def test_a_ledger_error_while_processing_is_the_runs_retry_not_the_checkpoints_failure(tmp_path: Path) -> None:
+    """FAULT INJECTION: the ledger connection breaks during a read (a PostgreSQL restart, a dropped idle
+    connection, noticed at the lease check). The job retries; the checkpoint is charged nothing."""
+    import sqlite3
+
+    config = load_config(write_config(tmp_path))
+    run = make_run(tmp_path)
+    atomic_save({"model_state_dict": TinyConvNet().state_dict(), "metric": 0.5}, run / "a.pt")
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    watch = config.watches[0]
+    ctx = RunContext(watch=watch, policy=config.policy_for(watch), run="exp", run_dir=run,
+                     output=tmp_path / "out/w/exp")
+    proc = RunProcessor(ctx, ledger, get_logger())
+
+    def broken(db: Any) -> int:
+        raise sqlite3.OperationalError("consuming input failed: server closed the connection unexpectedly")
+
+    proc.fence = broken
+    obs = observe(run / "a.pt", False)
+    assert obs is not None
+    for _ in range(4):
+        with pytest.raises(sqlite3.Error):
+            proc.process(obs)
+    assert ledger.known_files("w", "exp") == []  # no 'failed' row, no attempt counted
+    proc.fence = None  # the ledger is back
+    assert proc.process(obs) == "done"
+    ledger.close()
+
+
+def test_runs_this_daemon_cannot_reach_are_given_back_at_the_heartbeat(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    lost: list[Any] = []
+    reachable = {("w", "r0"): True, ("w", "r1"): True}
+    mine = RunLeases(LeaseStore(ledger, "host-a:1", 30), Log(), on_lost=lost.append,
+                     renewable=lambda key: reachable[key])
+    mine.total = 2
+    assert mine.ensure(("w", "r0")) and mine.ensure(("w", "r1"))
+    reachable[("w", "r1")] = False  # its watch root is gone here for longer than the ttl
+    mine.renew_once()
+    assert mine.held() == {("w", "r0")} and lost == [("w", "r1")]
+    assert LeaseStore(ledger, "host-b:2", 30).claim("w", "r1") is not None  # another daemon takes it at once
+    ledger.close()

@@ -11,6 +11,7 @@ and recovery (``ckptd.daemon.recovery``) republishes from the ledger if it got a
 from __future__ import annotations
 
 import errno
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -385,8 +386,11 @@ class RunProcessor:
         except OutputUnavailable:
             self.metrics.processed.labels(outcome="output_error").inc()
             raise
-        except LeaseLost:
-            raise  # the run is another daemon's now: not this checkpoint's failure (no attempt counted)
+        except (LeaseLost, sqlite3.Error):
+            # the run is another daemon's now, or the ledger itself failed (a PostgreSQL restart, a dropped idle
+            # connection noticed at the next statement): not this checkpoint's failure, no attempt counted; the
+            # run's job backs off and retries
+            raise
         except Exception as exc:  # a bug or an unforeseen input: never let one checkpoint block its run  # noqa: BLE001
             outcome = self._failed(obs, exc)
         self.metrics.processed.labels(outcome=outcome).inc()
@@ -416,6 +420,7 @@ class RunProcessor:
 
     def _failed(self, obs: Observation, exc: Exception) -> str:
         reason = f"{type(exc).__name__}: {exc}"
+        self._check_lease()  # a daemon that lost the run records nothing for it, failures included
         self._record(obs, status="failed", reason=reason, attempt=True)
         row = self.ledger.find(self.ctx.watch.name, self.ctx.run, canonical(obs.path), obs.size, obs.mtime_ns,
                                stream=self.ctx.stream)

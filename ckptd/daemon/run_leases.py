@@ -35,12 +35,14 @@ class RunLeases:
     """Held leases of this daemon. Thread-safe: jobs claim from worker threads, the heartbeat renews."""
 
     def __init__(self, store: Any, log: Any, *, on_lost: Callable[[Key], None],
-                 surplus: Callable[[int], list[Key]] | None = None) -> None:
+                 surplus: Callable[[int], list[Key]] | None = None,
+                 renewable: Callable[[Key], bool] | None = None) -> None:
         self.store = store  # a leases.LeaseStore
         self.log = log
         self.ttl: float = store.ttl
         self._on_lost = on_lost
         self._surplus = surplus  # picks up to n idle held runs to give back (and stops scheduling them)
+        self._renewable = renewable  # False: this daemon cannot work on the run (its root gone): let it go
         self.presence: Key = (PRESENCE, str(store.holder))
         self.live = 1  # live daemons sharing the ledger (this one included), refreshed by the heartbeat
         self.total = 0  # runs this daemon sees (set by the daemon after each discovery)
@@ -130,6 +132,14 @@ class RunLeases:
         """One heartbeat: renew every held lease and our presence; drop (and report) leases that are no longer
         ours; count the live daemons and give idle runs beyond our share back."""
         held = self.held()
+        stuck = {k for k in held if self._renewable is not None and not self._renewable(k)}
+        if stuck:
+            self.release(stuck)  # another daemon that can see them takes them over
+            for key in sorted(stuck):
+                self.log.warning("run.lease_given_back", runs=[f"{key[0]}/{key[1]}"], live_daemons=self.live,
+                                 reason="this daemon cannot reach the run's watch root for longer than lease_ttl")
+                self._on_lost(key)
+            held -= stuck
         try:
             still = set(self.store.renew(held | {self.presence}))
             if self.presence not in still:

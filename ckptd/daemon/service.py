@@ -98,6 +98,7 @@ class Daemon:
         # threads are created on demand; _schedule() enforces max_parallel_runs (which a reload may change)
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="ckptd-run")
         self._sched_lock = threading.Lock()  # scheduling vs. the heartbeat giving runs back
+        self._unavailable_since: dict[str, float] = {}  # watch -> since when its root cannot be reached
         self._last_action = "starting"
         self.failures = 0
         self.metrics = Metrics(config.metrics.listen if not once else "", config.metrics.textfile,
@@ -152,7 +153,10 @@ class Daemon:
             change = self.remote.take(watch, self.log) if watch.remote else None  # the listing thread's news
             if (watch.remote and change is None) or not self.watches.root_available(watch):
                 seen.update(k for k in self.runs if k[0] == watch.name)
+                if not watch.remote or not self.remote.available(watch):
+                    self._unavailable_since.setdefault(watch.name, time.monotonic())
                 continue
+            self._unavailable_since.pop(watch.name, None)
             policy = self.config.policy_for(watch)
             out_root = Path(os.path.realpath(watch.output_root))
             own = output_prefixes(self.config.watches) if watch.remote else ()
@@ -223,7 +227,13 @@ class Daemon:
         from ckptd.daemon.leases import LeaseStore, default_holder
 
         return RunLeases(LeaseStore(self.ledger, default_holder(), self.config.lease_ttl), self.log,
-                         on_lost=self._lease_lost, surplus=self._surplus)
+                         on_lost=self._lease_lost, surplus=self._surplus, renewable=self._reachable)
+
+    def _reachable(self, key: tuple[str, str]) -> bool:
+        """Heartbeat thread: may this daemon keep the run's lease? Not when its watch root has been unavailable
+        (unmounted, or its object store unlistable) for longer than lease_ttl: another daemon may see it."""
+        since = self._unavailable_since.get(key[0])
+        return since is None or time.monotonic() - since < self.config.lease_ttl
 
     def _surplus(self, n: int) -> list[tuple[str, str]]:
         """Heartbeat thread: up to ``n`` idle runs this daemon holds, to give back. Under the schedule lock, so a
