@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ckptd.daemon.leases import pid_alive
 from ckptd.daemon.remote_publish import remote_base
 from ckptd.queue import store
 from ckptd.queue.app import QueueError
@@ -143,7 +144,7 @@ def scratch_root(state_dir: Path) -> Path:
     root = state_dir / SCRATCH
     root.mkdir(parents=True, exist_ok=True)
     for entry in root.iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid() and not _alive(int(entry.name)):
+        if entry.name.isdigit() and int(entry.name) != os.getpid() and not pid_alive(int(entry.name)):
             shutil.rmtree(entry, ignore_errors=True)
     mine = root / str(os.getpid())
     mine.mkdir(exist_ok=True)
@@ -159,14 +160,6 @@ def attempt_dir(root: Path, export_id: int, attempt: int) -> Path:
     return path
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- the daemon's sweep --------------------------------------------------------------------------------------------
