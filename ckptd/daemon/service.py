@@ -68,7 +68,6 @@ class RunState:
     pending: int = 0
     failures: int = 0  # consecutive failed jobs: the backoff grows with them
     lease_retry_at: float = 0.0  # held by another daemon: when to try to claim the run again
-    releasing: bool = False  # beyond this daemon's share: being given back to another daemon (not scheduled)
 
 
 class Daemon:
