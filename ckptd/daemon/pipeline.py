@@ -187,8 +187,7 @@ class RunProcessor:
         the manifest carries."""
         if self.fence is None:
             return None
-        with self.ledger.transaction() as db:
-            self.generation = self.fence(db)
+        self._check_lease()
         return self.generation
 
     def _check_lease(self) -> None:
@@ -201,12 +200,8 @@ class RunProcessor:
 
     def _fenced(self, inner: Callable[[], None] | None) -> Callable[[], None]:
         """``inner`` preceded by a lease check in a transaction of its own (LeaseLost aborts the publication)."""
-        fence = self.fence
-
         def commit() -> None:
-            if fence is not None:
-                with self.ledger.transaction() as db:
-                    self.generation = fence(db)
+            self._check_lease()
             if inner is not None:
                 inner()
 
