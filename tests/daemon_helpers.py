@@ -37,13 +37,15 @@ def write_config(tmp_path: Path, *, policy: dict[str, Any] | None = None, watch:
 
 
 class DaemonProcess:
-    def __init__(self, config: Path, log_path: Path) -> None:
+    command, ready, kind = ("run",), "daemon.ready", "daemon"
+
+    def __init__(self, config: Path, log_path: Path, *extra: str) -> None:
         self.config = config
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the process lifetime
-        self.proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "run", "-c", str(config)], stdout=self._log,
-                                     stderr=self._log, env=subprocess_env())
-        self.wait_for(lambda ev: any(e["event"] == "daemon.ready" for e in ev), 60, "daemon ready")
+        self.proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", *self.command, "-c", str(config), *extra],
+                                     stdout=self._log, stderr=self._log, env=subprocess_env())
+        self.wait_for(lambda ev: any(e["event"] == self.ready for e in ev), 60, f"{self.kind} ready")
 
     def events(self) -> list[dict[str, Any]]:
         out = []
@@ -62,7 +64,7 @@ class DaemonProcess:
             if predicate(self.events()):
                 return
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:\n"
+                raise AssertionError(f"{self.kind} exited ({self.proc.returncode}) waiting for {what}:\n"
                                      + self.log_path.read_text()[-4000:])
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}:\n" + self.log_path.read_text()[-4000:])
@@ -93,6 +95,21 @@ class DaemonProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         return 0
+
+
+class WorkerProcess(DaemonProcess):
+    """``ckptd worker`` as a subprocess (stalled jobs of a killed worker are retried after 2 s, not 30 s)."""
+
+    command, ready, kind = ("worker",), "worker.ready", "worker"
+
+    def __init__(self, config: Path, log_path: Path, *extra: str) -> None:
+        super().__init__(config, log_path, "--stalled-after", "2s", *extra)
+
+
+# the smallest CoreML export the daemon tests use (a tiny conv net, float32, 8x8 input)
+TINY_COREML = {"enabled": True, "factory": "ckptd.examples:build_tiny_convnet", "factory_kwargs": {"width": 8},
+               "inputs": [{"name": "image", "shape": [1, 3, 8, 8]}], "outputs": ["logits"], "precision": "float32",
+               "timeout": "3m", "keep": 1}
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -15,15 +15,13 @@ import pytest
 import torch
 
 from ckptd.examples import TinyConvNet
-from tests.daemon_helpers import DaemonProcess, atomic_save, make_run, write_config
+from tests.daemon_helpers import TINY_COREML, DaemonProcess, atomic_save, make_run, write_config
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
 pytestmark = pytest.mark.slow
 
-COREML = {"enabled": True, "factory": "ckptd.examples:build_tiny_convnet", "factory_kwargs": {"width": 8},
-          "inputs": [{"name": "image", "shape": [1, 3, 8, 8]}], "outputs": ["logits"], "precision": "float32",
-          "timeout": "3m", "keep": 1}
+COREML = TINY_COREML
 
 
 def _save(path: Path, seed: int, metric: float) -> None:

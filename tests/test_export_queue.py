@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -23,12 +22,10 @@ import torch
 
 from ckptd.examples import TinyConvNet
 from tests.conftest import PYTHON, subprocess_env
-from tests.daemon_helpers import DaemonProcess, atomic_save, make_run, write_config
+from tests.daemon_helpers import TINY_COREML as COREML
+from tests.daemon_helpers import DaemonProcess, WorkerProcess, atomic_save, make_run, write_config
 
 REPO = Path(__file__).resolve().parent.parent
-COREML = {"enabled": True, "factory": "ckptd.examples:build_tiny_convnet", "factory_kwargs": {"width": 8},
-          "inputs": [{"name": "image", "shape": [1, 3, 8, 8]}], "outputs": ["logits"], "precision": "float32",
-          "timeout": "3m", "keep": 1}
 
 
 def _save(path: Path, seed: int, metric: float) -> None:
@@ -45,44 +42,6 @@ def _events(path: Path) -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return out
-
-
-class WorkerProcess:
-    """``ckptd worker`` as a subprocess, its JSON log in a file."""
-
-    def __init__(self, config: Path, log_path: Path, *extra: str) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the process lifetime
-        self.proc = subprocess.Popen([PYTHON, "-m", "ckptd.cli", "worker", "-c", str(config), "--stalled-after", "2s",
-                                      *extra], stdout=self._log, stderr=self._log, env=subprocess_env())
-        self.wait_for(lambda ev: any(e["event"] == "worker.ready" for e in ev), 60, "worker ready")
-
-    def events(self) -> list[dict[str, Any]]:
-        return _events(self.log_path)
-
-    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.events()):
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}) waiting for {what}:\n"
-                                     + self.log_path.read_text()[-4000:])
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}:\n" + self.log_path.read_text()[-4000:])
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        self.proc.kill()  # SIGKILL: no clean-up of any kind
-        self.proc.wait(timeout=10)
-        self._log.close()
 
 
 def _has(event: str, n: int = 1, **match: Any) -> Callable[[list[dict[str, Any]]], bool]:

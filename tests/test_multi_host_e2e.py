@@ -28,9 +28,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from tests.conftest import PYTHON, REPO, subprocess_env
-from tests.daemon_helpers import DaemonProcess
+from tests.daemon_helpers import TINY_COREML as COREML
+from tests.daemon_helpers import DaemonProcess, WorkerProcess
 from tests.s3_server import S3Endpoint
-from tests.test_export_queue import COREML, WorkerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -29,9 +29,10 @@ from ckptd.remote.object_outputs import (
     read_manifest,
 )
 from ckptd.remote.urls import filesystem
-from tests.daemon_helpers import DaemonProcess, atomic_save, make_run, write_config
+from tests.daemon_helpers import TINY_COREML as COREML
+from tests.daemon_helpers import DaemonProcess, WorkerProcess, atomic_save, make_run, write_config
 from tests.s3_server import S3Endpoint
-from tests.test_export_queue import COREML, WorkerProcess, _has, _rows
+from tests.test_export_queue import _has, _rows
 
 REPO = Path(__file__).resolve().parent.parent
 V = "best-v{0:04d}-q{0}-a{2}-{1}.mlpackage"  # export id, sha256[:12], attempt
