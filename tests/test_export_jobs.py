@@ -73,6 +73,9 @@ class Run:
     def note_export(self, block: dict[str, Any], *, ok: bool) -> None:
         self.notes.append((block, ok))
 
+    def lease_held(self) -> bool:
+        return True  # one daemon: always its run
+
     def add_member(self, name: str, seed: int, metric: float) -> MemberRow:
         """Pin a member as the pipeline does: a safetensors copy in members/, then the ledger's member set."""
         torch.manual_seed(seed)

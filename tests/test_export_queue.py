@@ -33,17 +33,6 @@ def _save(path: Path, seed: int, metric: float) -> None:
     atomic_save({"model_state_dict": TinyConvNet().state_dict(), "metric": metric, "iterations": seed}, path)
 
 
-def _events(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
-
-
 def _has(event: str, n: int = 1, **match: Any) -> Callable[[list[dict[str, Any]]], bool]:
     return lambda ev: sum(e["event"] == event and all(e.get(k) == v for k, v in match.items()) for e in ev) >= n
 

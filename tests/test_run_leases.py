@@ -79,9 +79,8 @@ def test_the_heartbeat_reports_a_lease_taken_over_while_this_daemon_stalled(tmp_
     ledger.close()
 
 
-def test_a_lost_lease_is_not_the_checkpoints_failure(tmp_path: Path) -> None:
-    """The candidate is read, then the lease is found gone: nothing is recorded, no attempt is counted (a good
-    checkpoint must never end 'invalid: processing failed 3 times' because its daemon stalled)."""
+def _one_checkpoint_run(tmp_path: Path) -> tuple[Path, Ledger, RunProcessor]:
+    """A run with one good checkpoint (a.pt), its SQLite ledger and the processor of its model stream."""
     config = load_config(write_config(tmp_path))
     run = make_run(tmp_path)
     atomic_save({"model_state_dict": TinyConvNet().state_dict(), "metric": 0.5}, run / "a.pt")
@@ -89,7 +88,13 @@ def test_a_lost_lease_is_not_the_checkpoints_failure(tmp_path: Path) -> None:
     watch = config.watches[0]
     ctx = RunContext(watch=watch, policy=config.policy_for(watch), run="exp", run_dir=run,
                      output=tmp_path / "out/w/exp")
-    proc = RunProcessor(ctx, ledger, get_logger())
+    return run, ledger, RunProcessor(ctx, ledger, get_logger())
+
+
+def test_a_lost_lease_is_not_the_checkpoints_failure(tmp_path: Path) -> None:
+    """The candidate is read, then the lease is found gone: nothing is recorded, no attempt is counted (a good
+    checkpoint must never end 'invalid: processing failed 3 times' because its daemon stalled)."""
+    run, ledger, proc = _one_checkpoint_run(tmp_path)
     store = LeaseStore(ledger, "host-a:1", 30)
     LeaseStore(ledger, "host-b:2", 30).claim("w", "exp")  # another daemon holds the run
     proc.fence = lambda db: store.fence(db, "w", "exp")
@@ -109,14 +114,7 @@ def test_a_ledger_error_while_processing_is_the_runs_retry_not_the_checkpoints_f
     connection, noticed at the lease check). The job retries; the checkpoint is charged nothing."""
     import sqlite3
 
-    config = load_config(write_config(tmp_path))
-    run = make_run(tmp_path)
-    atomic_save({"model_state_dict": TinyConvNet().state_dict(), "metric": 0.5}, run / "a.pt")
-    ledger = Ledger(tmp_path / "ledger.sqlite3")
-    watch = config.watches[0]
-    ctx = RunContext(watch=watch, policy=config.policy_for(watch), run="exp", run_dir=run,
-                     output=tmp_path / "out/w/exp")
-    proc = RunProcessor(ctx, ledger, get_logger())
+    run, ledger, proc = _one_checkpoint_run(tmp_path)
 
     def broken(db: Any) -> int:
         raise sqlite3.OperationalError("consuming input failed: server closed the connection unexpectedly")

@@ -56,6 +56,11 @@ class ExportRun(Protocol):
         view, the same as ``export_state.coreml_block``), record the event, fire the ``on_export`` hooks."""
         ...
 
+    def lease_held(self) -> bool:
+        """Does this daemon still hold the run (several daemons sharing a ledger)? Checked before a package is
+        published; always true for a single daemon."""
+        ...
+
 
 class ExportRequester(Protocol):
     """What the pipeline calls on the scheduler: from the run's worker thread, or from its evaluation job."""

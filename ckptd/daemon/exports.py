@@ -231,7 +231,7 @@ class ExportScheduler:
                 finished = "abandoned"
                 log.info("export.abandoned", reason="the daemon is stopping; the export is redone on restart")
                 return "stopped"
-            if not getattr(job.run, "lease_held", lambda: True)():  # several daemons: only the run's holder publishes
+            if not job.run.lease_held():  # several daemons: only the run's holder publishes
                 self.ledger.export_finished(export_id, "abandoned", reason="the run's lease was lost to another "
                                             "daemon; that daemon exports its own best")
                 finished = "abandoned"
